@@ -1,0 +1,116 @@
+"""NF4 (4-bit NormalFloat) decoding in Triton, byte-compatible with bitsandbytes.
+
+Layout (SPEC §2): the weight is flattened row-major and cut into blocks of ``BLOCKSIZE``
+elements; element ``i`` lives in byte ``i // 2`` (even element in the high nibble) and is scaled
+by ``absmax[i // BLOCKSIZE]``. With double quantization ``absmax`` holds uint8 codes into the
+signed 8-bit dynamic map and is decoded as ``code8[q] * nested_absmax[b // 256] + offset``.
+
+The jitted helpers here are shared by the fused GEMMs in ``lora.py`` and ``dora.py``: they
+return fp32 values and never write a dense copy of the weight.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import store_dtype
+
+# The 16 NF4 values, as fp32 (bitsandbytes' `get_4bit_type("nf4")`).
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+
+@triton.jit
+def nf4_scale(block, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+              DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 absmax of the quantization blocks `block` (decoding the nested 8-bit code in place)."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        # Two roundings (multiply, then add), as bitsandbytes does; the launcher turns off FMA
+        # contraction so the GPU rounds the same way.
+        scale = tl.load(nested_code_ptr + q) * nested + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
+             rows, mask_rows, k0, K,
+             BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+             EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 tile W[rows, k0:k0+BLOCK_K] of an NF4 weight with K columns (zero where masked).
+
+    `rows` are int64 row indices and `k0` a multiple of BLOCK_K. With K even every row starts
+    on a byte boundary, so the tile is read as BLOCK_K/2 whole bytes a row and the two nibbles
+    are interleaved in registers; with K odd rows straddle bytes and each element finds its own.
+    """
+    cols = k0 + tl.arange(0, BLOCK_K)
+    mask = mask_rows[:, None] & (cols < K)[None, :]
+    flat = rows[:, None] * K + cols[None, :]
+    if EVEN_K:
+        pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        pair_mask = mask_rows[:, None] & (pair * 2 < K)[None, :]
+        byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + pair[None, :], mask=pair_mask, other=0)
+        byte = byte.to(tl.int32)
+        nibble = tl.interleave(byte >> 4, byte & 0xF)
+    else:
+        byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+        nibble = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
+    value = tl.load(code_ptr + nibble)
+    scale = nf4_scale(flat // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                      DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    return tl.where(mask, value * scale, 0.0)
+
+
+@triton.jit
+def _nf4_dequantize_kernel(
+    out_ptr, packed_ptr,
+    # quantization statistics
+    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
+    numel,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < numel
+    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+    nibble = (byte >> ((1 - (idx & 1)) * 4).to(tl.int32)) & 0xF
+    value = tl.load(code_ptr + nibble)
+    scale = nf4_scale(idx // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                      DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    tl.store(out_ptr + idx, (value * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def stats_args(w):
+    """Kernel arguments for the quantization statistics of an NF4Weight-like object `w`.
+
+    Returns (absmax, nested_absmax, nested_code, offset, code, double_quant, nested_blocksize);
+    without double quantization the nested pointers repeat `absmax` and are never read.
+    """
+    if w.double_quant:
+        return (w.absmax, w.nested_absmax, w.nested_code, float(w.offset), w.code, True,
+                w.nested_blocksize)
+    return (w.absmax, w.absmax, w.absmax, 0.0, w.code, False, 256)
+
+
+def nf4_dequantize(w, dtype):
+    """Dense `dtype` copy of the NF4Weight-like `w` (shape `w.shape`), decoded by Triton."""
+    numel = w.shape[0] * w.shape[1]
+    # Under the interpreter this decodes to fp32 and torch rounds (SPEC §5), so the bytes still
+    # match bitsandbytes.
+    out = torch.empty(w.shape, dtype=store_dtype(dtype), device=w.packed.device)
+    absmax, nested, nested_code, offset, code, dq, nbs = stats_args(w)
+    BLOCK = 1024
+    _nf4_dequantize_kernel[(triton.cdiv(numel, BLOCK),)](
+        out, w.packed, absmax, nested, nested_code, offset, code, numel,
+        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nbs, BLOCK=BLOCK,
+        enable_fp_fusion=False,
+    )
+    return out if out.dtype == dtype else out.to(dtype)

@@ -1,0 +1,6 @@
+"""Plain, obviously-correct PyTorch definitions that the tests and the bench compare against.
+
+Nothing here is fast or fused; everything here is meant to be read next to SPEC §2 and §3.
+"""
+
+from .nf4 import nf4_dequantize, nf4_quantize  # noqa: F401
