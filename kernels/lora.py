@@ -1,0 +1,511 @@
+"""Fused (Q)LoRA / (Q)DoRA linear: shrink, base GEMM with in-register NF4 decode and the LoRA/DoRA
+epilogue, the backward GEMM for dx, and the rank-sized reductions for dA and dB.
+
+Shapes (SPEC §3): x [M, K], W [N, K], A [r, K], B [N, r]; xa = drop(x) Aᵀ is [M, r] in fp32.
+
+    forward   y  = x Wᵀ + s·xa Bᵀ + bias                                  (LoRA)
+              z  = x Wᵀ + s·xa Bᵀ,   y = (m/n) ⊙ z + bias                  (DoRA)
+              zd = xd Wᵀ + s·xa Bᵀ,  y = x Wᵀ + (m/n − 1) ⊙ xd Wᵀ + (m/n) ⊙ s·xa Bᵀ + bias
+                                                                   (DoRA, dropout; xd = drop(x))
+    backward  dx = (dy ⊙ c) W + [D ⊙] (s·gb A [+ (dy ⊙ c2) W])
+              dA = s·gbᵀ drop(x),   dB = s·dyᵀ xa   (DoRA scales dB's rows by m/n afterwards)
+
+The weight tile is decoded from NF4 (or loaded dense) straight into registers; no dense copy of
+W is ever written. Accumulation is fp32. The rank-sized products (shrink, epilogue, dA, dB) run in
+full fp32 ("ieee"): they are r/K of the work and carry the fp32 adapter's precision, as PEFT does.
+Split reductions write fp32 partials that the launcher sums in a fixed order, so results are
+deterministic.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import dot_dtype, interpreting, store_dtype
+from .dropout import dropout_scale, round_to
+from .nf4 import nf4_tile, stats_args
+
+
+# ----------------------------------------------------------------------------------------------
+# jitted helpers
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def weight_tile(w_ptr, stride_wn, stride_wk,
+                packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
+                rows, mask_rows, k0, K,
+                IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ROUND: tl.constexpr,
+                BITWISE_BF16: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 tile W[rows, k0:k0+BLOCK_K], from NF4 bytes or a dense tensor; zero where masked."""
+    if IS_NF4:
+        w = nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
+                     rows, mask_rows, k0, K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, EVEN_K, BLOCK_K)
+        w = round_to(w, ROUND, BITWISE_BF16)
+    else:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_rows[:, None] & (cols < K)[None, :]
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
+        w = w.to(tl.float32)
+    return w
+
+
+@triton.jit
+def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Tile coordinates ordered in groups of GROUP_M row-tiles so neighbours share W in L2."""
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
+                      xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling,
+                      mn_ptr, bias_ptr, y_ptr, stride_ym, z_ptr, stride_zm, R,
+                      DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SAVE_Z: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc = x Wᵀ (and acc_d = xd Wᵀ) for one [BLOCK_M, BLOCK_N] tile -> y (and z)."""
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :],
+                 mask=mask_m[:, None] & (offs_r < R)[None, :], other=0.0)
+    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=mask_n[:, None] & (offs_r < R)[None, :], other=0.0).to(tl.float32)
+    lora = tl.dot(xa, tl.trans(b), input_precision="ieee") * scaling
+    if DORA:
+        mn = tl.load(mn_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if SECOND:
+            z = acc_d + lora
+            y = acc + (mn - 1.0) * acc_d + mn * lora
+        else:
+            z = acc + lora
+            y = mn * z
+    else:
+        y = acc + lora
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SAVE_Z:
+        tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, out_ptr, xd_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_os, stride_om, stride_xdm,
+    # dropout on x
+    seed, p, inv_keep,
+    DROPOUT: tl.constexpr, WRITE_XD: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[split] = drop(x)[:, split's K range] · A[:, same]ᵀ  in fp32; optionally writes drop(x)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_begin = pid_s * K_PER_SPLIT
+    for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        mask = mask_m[:, None] & mask_k[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        if DROPOUT:
+            x = x * dropout_scale(seed, offs_m[:, None] * K + offs_k[None, :], p, inv_keep)
+            if WRITE_XD:
+                tl.store(xd_ptr + offs_m[:, None] * stride_xdm + offs_k[None, :],
+                         x.to(xd_ptr.dtype.element_ty), mask=mask)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(x, tl.trans(a), input_precision="ieee")
+    tl.store(out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_r[None, :], acc,
+             mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _fused_linear_kernel(
+    x_ptr, xd_ptr, w_ptr,
+    # NF4 statistics (unused for a dense weight)
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
+    # epilogue operands
+    xa_ptr, b_ptr, mn_ptr, bias_ptr, scaling,
+    # outputs: y and z, or fp32 partial sums of x Wᵀ / xd Wᵀ when split over K
+    y_ptr, z_ptr, part_ptr, part_d_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_xdm, stride_wn, stride_wk, stride_xam, stride_bn, stride_br,
+    stride_ym, stride_ps,
+    IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ROUND: tl.constexpr,
+    BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr,
+    SPLIT_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = grouped_pid(tl.program_id(0), num_m, num_n, GROUP_M)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_begin = pid_s * K_PER_SPLIT
+    for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_x = mask_m[:, None] & (offs_k < K)[None, :]
+        w = weight_tile(w_ptr, stride_wn, stride_wk,
+                        packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
+                        offs_n, mask_n, k0, K, IS_NF4, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE,
+                        EVEN_K, ROUND, BITWISE_BF16, BLOCK_K)
+        wt = tl.trans(w.to(DOT_DTYPE))
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_x, other=0.0)
+        acc += tl.dot(x.to(DOT_DTYPE), wt)
+        if SECOND:
+            xd = tl.load(xd_ptr + offs_m[:, None] * stride_xdm + offs_k[None, :], mask=mask_x, other=0.0)
+            acc_d += tl.dot(xd.to(DOT_DTYPE), wt)
+
+    if SPLIT_K == 1:
+        _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
+                          xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling,
+                          mn_ptr, bias_ptr, y_ptr, stride_ym, z_ptr, stride_ym, R,
+                          DORA, SECOND, HAS_BIAS, SAVE_Z, BLOCK_R)
+    else:
+        mask = mask_m[:, None] & mask_n[None, :]
+        tile = pid_s * stride_ps + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + tile, acc, mask=mask)
+        if SECOND:
+            tl.store(part_d_ptr + tile, acc_d, mask=mask)
+
+
+@triton.jit
+def _split_k_epilogue_kernel(
+    part_ptr, part_d_ptr,
+    xa_ptr, b_ptr, mn_ptr, bias_ptr, scaling, y_ptr, z_ptr,
+    M, N, R, stride_xam, stride_bn, stride_br, stride_ym, stride_ps,
+    DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Sums the SPLIT_K partials in a fixed order, then applies the same epilogue."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tile = offs_m[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + s * stride_ps + tile, mask=mask, other=0.0)
+        if SECOND:
+            acc_d += tl.load(part_d_ptr + s * stride_ps + tile, mask=mask, other=0.0)
+    _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
+                      xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling,
+                      mn_ptr, bias_ptr, y_ptr, stride_ym, z_ptr, stride_ym, R,
+                      DORA, SECOND, HAS_BIAS, SAVE_Z, BLOCK_R)
+
+
+@triton.jit
+def _fused_linear_dx_kernel(
+    dy_ptr, w_ptr,
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
+    # epilogue operands: gb [M, r] fp32, A [r, K], column scales of dy
+    gb_ptr, a_ptr, c_ptr, c2_ptr, scaling,
+    dx_ptr,
+    M, N, K, R,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_gbm, stride_ar, stride_ak, stride_dxm,
+    seed, p, inv_keep,
+    IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ROUND: tl.constexpr,
+    BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    SCALE_DY: tl.constexpr, SECOND: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dx = (dy ⊙ c) W + D ⊙ (s·gb A + (dy ⊙ c2) W): c is DoRA's m/n (SCALE_DY), c2 = m/n − 1
+    for DoRA with dropout (SECOND), D the regenerated dropout scale (DROPOUT)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_m, pid_k = grouped_pid(tl.program_id(0), num_m, num_k, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k0 = pid_k * BLOCK_K
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        w = weight_tile(w_ptr, stride_wn, stride_wk,
+                        packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
+                        offs_n.to(tl.int64), mask_n, k0, K, IS_NF4, BLOCKSIZE, DOUBLE_QUANT,
+                        NESTED_BLOCKSIZE, EVEN_K, ROUND, BITWISE_BF16, BLOCK_K)
+        w = w.to(DOT_DTYPE)
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if SCALE_DY:
+            c = tl.load(c_ptr + offs_n, mask=mask_n, other=0.0)
+            acc += tl.dot((dy.to(tl.float32) * c[None, :]).to(DOT_DTYPE), w)
+        else:
+            acc += tl.dot(dy.to(DOT_DTYPE), w)
+        if SECOND:
+            c2 = tl.load(c2_ptr + offs_n, mask=mask_n, other=0.0)
+            acc2 += tl.dot((dy.to(tl.float32) * c2[None, :]).to(DOT_DTYPE), w)
+
+    offs_r = tl.arange(0, BLOCK_R)
+    gb = tl.load(gb_ptr + offs_m[:, None] * stride_gbm + offs_r[None, :],
+                 mask=mask_m[:, None] & (offs_r < R)[None, :], other=0.0)
+    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                mask=(offs_r < R)[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    inner = tl.dot(gb, a, input_precision="ieee") * scaling
+    if SECOND:
+        inner += acc2
+    if DROPOUT:
+        inner *= dropout_scale(seed, offs_m[:, None] * K + offs_k[None, :], p, inv_keep)
+    dx = acc + inner
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _outer_reduce_kernel(
+    l_ptr, r_ptr, out_ptr,
+    M, P, Q,
+    stride_lm, stride_lp, stride_rm, stride_rq, stride_os, stride_op,
+    seed, p, inv_keep,
+    DROPOUT: tl.constexpr, M_PER_SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """out[split] = Σ_m L[m, :]ᵀ R'[m, :] over the split's rows, fp32; R' = R ⊙ D with dropout
+    (D regenerated for R = x, indexed as x [M, Q])."""
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask_p = offs_p < P
+    mask_q = offs_q < Q
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    m_begin = pid_s.to(tl.int64) * M_PER_SPLIT
+    for m0 in range(0, M_PER_SPLIT, BLOCK_M):
+        offs_m = m_begin + m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        lhs = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_p[None, :] * stride_lp,
+                      mask=mask_m[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+        rhs = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_q[None, :] * stride_rq,
+                      mask=mask_m[:, None] & mask_q[None, :], other=0.0).to(tl.float32)
+        if DROPOUT:
+            rhs = rhs * dropout_scale(seed, offs_m[:, None] * Q + offs_q[None, :], p, inv_keep)
+        acc += tl.dot(tl.trans(lhs), rhs, input_precision="ieee")
+    tl.store(out_ptr + pid_s * stride_os + offs_p[:, None] * stride_op + offs_q[None, :], acc,
+             mask=mask_p[:, None] & mask_q[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+_ROUND = {None: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def weight_args(weight, round_dtype=None):
+    """Kernel arguments for a dense [N, K] tensor or an NF4Weight: the weight pointer and strides,
+    the NF4 statistics pointers (dummies for dense) and the constexprs of `weight_tile`.
+    NF4 tiles are rounded to `round_dtype` (None: left in fp32)."""
+    if isinstance(weight, torch.Tensor):
+        return dict(w=weight, stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+                    stats=(weight, weight, weight, weight, 0.0, weight),
+                    meta=dict(IS_NF4=False, BLOCKSIZE=64, DOUBLE_QUANT=False, NESTED_BLOCKSIZE=256,
+                              EVEN_K=True, ROUND=0, BITWISE_BF16=False))
+    absmax, nested, nested_code, offset, code, dq, nbs = stats_args(weight)
+    return dict(w=weight.packed, stride_wn=0, stride_wk=0,
+                stats=(weight.packed, absmax, nested, nested_code, offset, code),
+                meta=dict(IS_NF4=True, BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nbs,
+                          EVEN_K=weight.shape[1] % 2 == 0, ROUND=_ROUND[round_dtype],
+                          BITWISE_BF16=interpreting()))
+
+
+def _gemm_weight_args(weight, x_dtype):
+    # bitsandbytes dequantizes to the activation dtype before its matmul. On a GPU the cast to
+    # the dot dtype does that rounding; the interpreter dots in fp32, so round explicitly there.
+    return weight_args(weight, x_dtype if interpreting() else None)
+
+
+def _gemm_config(M: int, N: int, K: int):
+    """Tile sizes and split-K for the fused GEMMs, keyed on the problem shape."""
+    if interpreting():
+        # The interpreter pays per program and per op, not per element: few, large tiles.
+        return dict(BLOCK_M=min(64, _pow2(M)), BLOCK_N=min(64, _pow2(N)), BLOCK_K=min(64, _pow2(K)),
+                    GROUP_M=4, num_warps=4, num_stages=1)
+    if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    if M <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _split_k(M: int, N: int, K: int, cfg, device) -> int:
+    """Split K when the output tiles alone cannot fill the GPU (decode-sized M)."""
+    if interpreting() or M > 64:
+        return 1
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, cfg["BLOCK_K"]), 32))
+
+
+def _launch_opts(cfg):
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
+
+
+def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
+    """drop(x) · aᵀ as fp32 [M, r]; `a` is [r, K] with any strides. With `write_xd`, also returns
+    drop(x) in x's dtype (forward of DoRA with dropout needs it once, as a GEMM operand)."""
+    M, K = x.shape
+    R = a.shape[0]
+    BLOCK_R = _pow2(R)
+    BLOCK_M = min(64, _pow2(M)) if interpreting() else (16 if M <= 16 else 64)
+    BLOCK_K = min(128, _pow2(K)) if interpreting() else 64
+    if split_k is None:
+        split_k = 1 if interpreting() or M > 256 else max(1, min(triton.cdiv(K, 4 * BLOCK_K), 32))
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), BLOCK_K) * BLOCK_K
+    split_k = triton.cdiv(K, k_per_split)
+    out = torch.empty((split_k, M, R), dtype=torch.float32, device=x.device)
+    xd = torch.empty((M, K), dtype=store_dtype(x.dtype), device=x.device) if write_xd else out
+    grid = (triton.cdiv(M, BLOCK_M), split_k)
+    _lora_shrink_kernel[grid](
+        x, a, out, xd, M, K, R,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1), xd.stride(0),
+        seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
+        DROPOUT=dropout > 0, WRITE_XD=write_xd, K_PER_SPLIT=k_per_split,
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, enable_fp_fusion=False,
+    )
+    xa = out[0] if split_k == 1 else out.sum(0)
+    if write_xd:
+        return xa, (xd if xd.dtype == x.dtype else xd.to(x.dtype))
+    return xa
+
+
+def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None, save_z=False,
+                 split_k=None):
+    """y (and z when `save_z`) of the fused forward; see the module docstring for the modes.
+
+    x [M, K]; weight dense [N, K] or NF4Weight; xa [M, r] fp32; lora_B [N, r]; mn [N] fp32 for DoRA;
+    xd [M, K] (contiguous rows) for DoRA with dropout.
+    """
+    M, K = x.shape
+    N, R = lora_B.shape
+    wa = _gemm_weight_args(weight, x.dtype)
+    cfg = _gemm_config(M, N, K)
+    if split_k is None:
+        split_k = _split_k(M, N, K, cfg, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split_k = triton.cdiv(K, k_per_split)
+    out_dtype = store_dtype(x.dtype)
+    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    z = torch.empty((M, N), dtype=out_dtype, device=x.device) if save_z else y
+    second = xd is not None
+    if split_k > 1:
+        part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+        part_d = torch.empty_like(part) if second else part
+    else:
+        part = part_d = y
+    flags = dict(DORA=mn is not None, SECOND=second, HAS_BIAS=bias is not None, SAVE_Z=save_z)
+    BLOCK_R = _pow2(R)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
+    _fused_linear_kernel[grid](
+        x, xd if second else x, wa["w"], *wa["stats"],
+        xa, lora_B, mn if mn is not None else xa, bias if bias is not None else xa, scaling,
+        y, z, part, part_d,
+        M, N, K, R,
+        x.stride(0), x.stride(1), xd.stride(0) if second else 0, wa["stride_wn"], wa["stride_wk"],
+        xa.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0),
+        part.stride(0) if split_k > 1 else 0,
+        **wa["meta"], DOT_DTYPE=dot_dtype(x.dtype), **flags,
+        SPLIT_K=split_k, K_PER_SPLIT=k_per_split,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=BLOCK_R,
+        GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg),
+    )
+    if split_k > 1:
+        EM, EN = 32, 64
+        _split_k_epilogue_kernel[(triton.cdiv(M, EM), triton.cdiv(N, EN))](
+            part, part_d, xa, lora_B, mn if mn is not None else xa, bias if bias is not None else xa,
+            scaling, y, z, M, N, R, xa.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0),
+            part.stride(0), **flags, SPLIT_K=split_k, BLOCK_M=EM, BLOCK_N=EN, BLOCK_R=BLOCK_R,
+            enable_fp_fusion=False,
+        )
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+        z = z.to(x.dtype) if save_z else y
+    return (y, z) if save_z else y
+
+
+def fused_linear_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_scale=None,
+                    dropout=0.0, seed=0, out_dtype=None):
+    """dx [M, K] = (dy ⊙ col_scale) W + D ⊙ (s·gb A + (dy ⊙ second_scale) W)."""
+    M, N = dy.shape
+    R, K = lora_A.shape
+    out_dtype = out_dtype or dy.dtype
+    wa = _gemm_weight_args(weight, out_dtype)
+    cfg = _gemm_config(M, K, N)
+    dx = torch.empty((M, K), dtype=store_dtype(out_dtype), device=dy.device)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    _fused_linear_dx_kernel[grid](
+        dy, wa["w"], *wa["stats"],
+        gb, lora_A, col_scale if col_scale is not None else gb,
+        second_scale if second_scale is not None else gb, scaling,
+        dx, M, N, K, R,
+        dy.stride(0), dy.stride(1), wa["stride_wn"], wa["stride_wk"], gb.stride(0),
+        lora_A.stride(0), lora_A.stride(1), dx.stride(0),
+        seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
+        **wa["meta"], DOT_DTYPE=dot_dtype(out_dtype),
+        SCALE_DY=col_scale is not None, SECOND=second_scale is not None, DROPOUT=dropout > 0,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=_pow2(R),
+        GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg),
+    )
+    return dx if dx.dtype == out_dtype else dx.to(out_dtype)
+
+
+def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, split_m=None):
+    """Σ_m lhs[m]ᵀ (rhs[m] ⊙ D[m]) as fp32 [P, Q] (lhs [M, P], rhs [M, Q]; D only with dropout)."""
+    M, P = lhs.shape
+    Q = rhs.shape[1]
+    if interpreting():
+        BLOCK_M, BLOCK_P, BLOCK_Q = min(64, _pow2(M)), min(64, _pow2(P)), min(64, _pow2(Q))
+    else:
+        BLOCK_M, BLOCK_P, BLOCK_Q = 64, min(64, _pow2(P)), min(64, _pow2(Q))
+    tiles = triton.cdiv(P, BLOCK_P) * triton.cdiv(Q, BLOCK_Q)
+    if split_m is None:
+        split_m = 1 if interpreting() else max(1, min(triton.cdiv(264, tiles), triton.cdiv(M, 4 * BLOCK_M)))
+    m_per_split = triton.cdiv(triton.cdiv(M, split_m), BLOCK_M) * BLOCK_M
+    split_m = triton.cdiv(M, m_per_split)
+    out = torch.empty((split_m, P, Q), dtype=torch.float32, device=lhs.device)
+    grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(Q, BLOCK_Q), split_m)
+    _outer_reduce_kernel[grid](
+        lhs, rhs, out, M, P, Q,
+        lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1), out.stride(0), out.stride(1),
+        seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
+        DROPOUT=dropout > 0, M_PER_SPLIT=m_per_split,
+        BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, enable_fp_fusion=False,
+    )
+    return out[0] if split_m == 1 else out.sum(0)

@@ -1,0 +1,217 @@
+"""`lora_linear`: the fused (Q)LoRA / (Q)DoRA linear as a differentiable function.
+
+Two autograd Functions, one per layer kind, each reading as the math of SPEC §3 with one line per
+kernel call (`peft_ops.ops` dispatches every call to Triton or to its PyTorch twin). What backward
+needs goes through `ctx.save_for_backward`: x, xa = drop(x) Aᵀ (M×r, fp32), for DoRA the row norm
+(N floats) and, when the magnitude trains, z (M×N, DoRA's pre-scale output); the frozen weight is
+saved as the tensors it already is. Never a dropout mask (regenerated from a seed) and never a
+dense copy of W.
+"""
+
+import numbers
+
+import torch
+
+from . import ops
+from .reference.lora import DORA_EPS
+
+_NF4_TENSORS = ("packed", "absmax", "nested_absmax", "nested_code", "code")
+
+
+def _split_weight(weight):
+    """(tensors, spec): the weight's tensors, for save_for_backward, and what rebuilds it."""
+    if isinstance(weight, torch.Tensor):
+        return (weight,), None
+    names = tuple(n for n in _NF4_TENSORS if getattr(weight, n, None) is not None)
+    return tuple(getattr(weight, n) for n in names), (weight, names)
+
+
+def _join_weight(tensors, spec):
+    if spec is None:
+        return tensors[0]
+    weight, names = spec
+    return weight.with_tensors(dict(zip(names, tensors)))
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x Wᵀ + bias + s·(drop(x) Aᵀ) Bᵀ for x [M, K]."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, bias, scaling, p, seed, spec, *weight_tensors):
+        weight = _join_weight(weight_tensors, spec)
+        xa = ops.lora_shrink(x, lora_A, dropout=p, seed=seed)                    # drop(x) Aᵀ
+        y = ops.fused_linear(x, weight, xa, lora_B, scaling, bias=bias)         # x Wᵀ + s·xa Bᵀ + b
+        ctx.save_for_backward(x, xa, lora_A, lora_B, *weight_tensors)
+        ctx.scaling, ctx.p, ctx.seed, ctx.spec = scaling, p, seed, spec
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, lora_A, lora_B, *weight_tensors = ctx.saved_tensors
+        weight = _join_weight(weight_tensors, ctx.spec)
+        s, p, seed = ctx.scaling, ctx.p, ctx.seed
+        need_x, need_A, need_B, need_bias = ctx.needs_input_grad[:4]
+        dx = dA = dB = dbias = None
+        if need_x or need_A:
+            gb = ops.lora_shrink(dy, lora_B.t())                                   # dy B
+        if need_x:
+            dx = ops.fused_linear_dx(dy, weight, gb, lora_A, s, dropout=p, seed=seed,
+                                     out_dtype=x.dtype)                            # dy W + s·D⊙(gb A)
+        if need_A:
+            dA = (s * ops.outer_reduce(gb, x, dropout=p, seed=seed)).to(lora_A.dtype)  # s·gbᵀ drop(x)
+        if need_B:
+            dB = (s * ops.outer_reduce(dy, xa)).to(lora_B.dtype)                  # s·dyᵀ xa
+        if need_bias:
+            dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return (dx, dA, dB, dbias, None, None, None, None) + (None,) * len(weight_tensors)
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """DoRA with PEFT's semantics; n = ‖W + s·B A‖ is a constant in backward (SPEC §3)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, magnitude, bias, scaling, p, seed, spec, *weight_tensors):
+        weight = _join_weight(weight_tensors, spec)
+        norm = ops.row_norm(weight, lora_A, lora_B, scaling).clamp_min(DORA_EPS)  # n, one pass over W
+        mn = magnitude.float() / norm                                               # m/n
+        save_z = ctx.needs_input_grad[3]
+        if p:
+            xa, xd = ops.lora_shrink(x, lora_A, dropout=p, seed=seed, write_xd=True)  # drop(x) Aᵀ, drop(x)
+        else:
+            xa, xd = ops.lora_shrink(x, lora_A), None                                 # x Aᵀ
+        out = ops.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn, xd=xd,
+                               save_z=save_z)                                       # y (and z)
+        y, z = out if save_z else (out, None)
+        ctx.save_for_backward(x, xa, lora_A, lora_B, magnitude, norm, z, *weight_tensors)
+        ctx.scaling, ctx.p, ctx.seed, ctx.spec = scaling, p, seed, spec
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, lora_A, lora_B, magnitude, norm, z, *weight_tensors = ctx.saved_tensors
+        weight = _join_weight(weight_tensors, ctx.spec)
+        s, p, seed = ctx.scaling, ctx.p, ctx.seed
+        need_x, need_A, need_B, need_m, need_bias = ctx.needs_input_grad[:5]
+        mn = magnitude.float() / norm
+        dx = dA = dB = dm = dbias = None
+        if need_x or need_A:
+            gb = ops.lora_shrink(dy, (lora_B.float() * mn[:, None]).t())           # (dy⊙m/n) B
+        if need_x:
+            if p:   # dx = dy W + D ⊙ (((m/n − 1)⊙dy) W + s·gb A)
+                dx = ops.fused_linear_dx(dy, weight, gb, lora_A, s, second_scale=mn - 1.0,
+                                         dropout=p, seed=seed, out_dtype=x.dtype)
+            else:   # dx = (dy⊙m/n) W + s·gb A
+                dx = ops.fused_linear_dx(dy, weight, gb, lora_A, s, col_scale=mn, out_dtype=x.dtype)
+        if need_A:
+            dA = (s * ops.outer_reduce(gb, x, dropout=p, seed=seed)).to(lora_A.dtype)  # s·gbᵀ drop(x)
+        if need_B:
+            dB = (s * mn[:, None] * ops.outer_reduce(dy, xa)).to(lora_B.dtype)      # s·(m/n)⊙dyᵀ xa
+        if need_m:
+            dm = (ops.column_dot(dy, z) / norm).to(magnitude.dtype)                 # Σ_i dy z / n
+        if need_bias:
+            dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return (dx, dA, dB, dm, dbias, None, None, None, None) + (None,) * len(weight_tensors)
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x: expected shape [..., K], got a 0-d tensor")
+    if isinstance(weight, torch.Tensor):
+        if weight.dim() != 2:
+            raise ValueError(f"weight: expected a 2-D [N, K] tensor, got shape {tuple(weight.shape)}")
+        if weight.dtype != x.dtype:
+            raise TypeError(f"weight: dense weight dtype {weight.dtype} must equal x's dtype {x.dtype} "
+                            "(quantize it to an NF4Weight to mix dtypes)")
+        w_device = weight.device
+    elif all(hasattr(weight, a) for a in ("packed", "shape", "blocksize", "dequantize")):
+        w_device = weight.packed.device
+    else:
+        raise TypeError(f"weight: expected a dense [N, K] tensor or an NF4Weight, got {type(weight).__name__}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's in_features {K}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name}: expected a float tensor, got {t.dtype}")
+    r = lora_A.shape[0]
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_A: expected shape [r, {K}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B: expected shape [{N}, {r}] (out_features, r of lora_A), "
+                         f"got {tuple(lora_B.shape)}")
+    for name, t in (("bias", bias), ("magnitude", magnitude)):
+        if t is not None:
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (N,):
+                raise ValueError(f"{name}: expected a tensor of shape [{N}]")
+            if t.dtype not in _FLOATS:
+                raise TypeError(f"{name}: expected a float tensor, got {t.dtype}")
+    for name, t in (("weight", None), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias),
+                    ("magnitude", magnitude)):
+        dev = w_device if name == "weight" else (None if t is None else t.device)
+        if dev is not None and dev != x.device:
+            raise ValueError(f"{name}: on {dev}, but x is on {x.device}")
+    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling: expected a Python number, got {type(scaling).__name__}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+
+
+def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None, dropout=0.0,
+                training=False, seed=None):
+    """Fused LoRA / DoRA linear layer with autograd.
+
+    Computes ``x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` (LoRA), or with ``magnitude`` PEFT's
+    DoRA: ``(m/n) ⊙ (x Wᵀ + scaling · (x Aᵀ) Bᵀ) + bias`` with ``n = ‖W + scaling · B A‖₂`` per
+    output row, held constant in backward (with dropout in training the base term is recomputed on
+    the dropped input, as PEFT does). Rows with ``n = 0`` divide by ``reference.DORA_EPS``.
+
+    Args:
+        x: activations ``[..., K]``, float32 / float16 / bfloat16.
+        weight: frozen base weight, a dense ``[N, K]`` tensor of x's dtype or an ``NF4Weight``
+            (decoded in registers, never materialised; rounded to x's dtype as bitsandbytes does).
+        lora_A: ``[r, K]``; lora_B: ``[N, r]``; in x's dtype or float32 (PEFT's default).
+        scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
+        bias: optional ``[N]``. magnitude: optional DoRA magnitude ``[N]``.
+        dropout: LoRA-input dropout probability, applied only when ``training``.
+        seed: dropout seed; drawn from torch's default generator when None. The mask is a
+            function of (seed, element index) only: `peft_ops.ops.dropout_scale` reproduces it.
+
+    Returns:
+        ``[..., N]`` in x's dtype. Gradients flow to x, lora_A, lora_B, magnitude and bias
+        (each in its own dtype); the base weight is frozen.
+    """
+    _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout)
+    N, K = weight.shape
+    p = float(dropout) if training else 0.0
+    if p and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    seed = int(seed or 0)
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] == 0:
+        return x.new_zeros(*x.shape[:-1], N) + (0 if bias is None else bias.to(x.dtype))
+    tensors, spec = _split_weight(weight)
+    if magnitude is None:
+        y = LoraLinearFunction.apply(x2, lora_A, lora_B, bias, float(scaling), p, seed, spec, *tensors)
+    else:
+        y = DoraLinearFunction.apply(x2, lora_A, lora_B, magnitude, bias, float(scaling), p, seed, spec,
+                                     *tensors)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def dora_row_norm(weight, lora_A, lora_B, scaling):
+    """fp32 ``[N]``: ‖W + scaling · B A‖₂ per output row, detached (one streamed pass over W).
+
+    Use it to initialise a DoRA magnitude (``m = dora_row_norm(W, A, B, s)``) or to merge."""
+    with torch.no_grad():
+        return ops.row_norm(weight, lora_A, lora_B, float(scaling))

@@ -1,0 +1,159 @@
+"""The fused ops, each dispatched to its Triton launcher or to its plain-PyTorch twin.
+
+Execution rule (SPEC §1): CUDA tensors run the Triton kernels; CPU tensors run the twin here,
+unless TRITON_INTERPRET=1, in which case they run the Triton kernels in Triton's interpreter.
+The twins compute the same math in the same precision (fp32 accumulation, the weight rounded to
+the activation dtype, rank-sized products in fp32) and draw the same dropout masks, so the
+autograd Functions above them are backend-agnostic.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import _config
+from .kernels import dora as _dora
+from .kernels import dropout as _dropout
+from .kernels import lora as _lora
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when ops on `t` run the Triton kernels (CUDA, or any device under the interpreter)."""
+    return t.is_cuda or _config.interpreting()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout: Triton's Philox stream (tl.rand) reproduced in PyTorch
+# ---------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor):
+    """High and low 32 bits of a·b for a uint32 constant and a tensor of uint32 held in int64
+    (split in 16-bit halves so no product leaves int64)."""
+    t = a * (b & 0xFFFF)
+    mid = a * (b >> 16) + (t >> 16)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (t & 0xFFFF)
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """fp32 U[0, 1) equal bit for bit to `tl.rand(seed, offsets)` for int64 `offsets`."""
+    c0, c1 = offsets & _MASK32, (offsets >> 32) & _MASK32
+    c2 = c3 = torch.zeros_like(offsets)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # as int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def dropout_scale(seed: int, shape, p: float, device) -> torch.Tensor:
+    """keep/(1-p) as fp32 for a LoRA input of `shape` (flattened to [M, K] row-major), exactly as
+    the fused kernels draw it from `seed`. Tests and references use it; the kernels never
+    materialise it."""
+    device = torch.device(device)
+    if device.type == "cuda" or _config.interpreting():
+        return _dropout.dropout_scale_tensor(seed, tuple(shape), p, device)
+    numel = 1
+    for s in shape:
+        numel *= s
+    u = philox_uniform(seed, torch.arange(numel, dtype=torch.int64, device=device)).reshape(shape)
+    keep = u >= torch.tensor(p, dtype=torch.float32)
+    return keep.to(torch.float32) * torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops
+# ---------------------------------------------------------------------------------------------
+
+def dense_weight(weight, dtype):
+    """Dense `dtype` [N, K] copy of a dense tensor or an NF4Weight (twins only: the kernels
+    never make one)."""
+    if isinstance(weight, torch.Tensor):
+        return weight.to(dtype)
+    return weight.dequantize(dtype)
+
+
+def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False):
+    """xa = drop(x) aᵀ as fp32 [M, r]; with `write_xd` also drop(x) in x's dtype."""
+    if use_triton(x):
+        return _lora.lora_shrink(x, a, dropout=dropout, seed=seed, write_xd=write_xd)
+    xf = x.float()
+    if dropout:
+        xf = xf * dropout_scale(seed, x.shape, dropout, x.device)
+    xa = xf @ a.float().t()
+    return (xa, xf.to(x.dtype)) if write_xd else xa
+
+
+def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None, save_z=False):
+    """Forward GEMM with epilogue; returns y, or (y, z) with `save_z` (DoRA's pre-scale output)."""
+    if use_triton(x):
+        return _lora.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn, xd=xd, save_z=save_z)
+    w = dense_weight(weight, x.dtype)
+    acc = F.linear(x, w).float()
+    lora = (xa @ lora_B.float().t()) * scaling
+    if mn is None:
+        y = acc + lora
+    elif xd is None:
+        z = acc + lora
+        y = mn * z
+    else:
+        acc_d = F.linear(xd, w).float()
+        z = acc_d + lora
+        y = acc + (mn - 1.0) * acc_d + mn * lora
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(x.dtype)
+    return (y, z.to(x.dtype)) if save_z else y
+
+
+def fused_linear_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_scale=None,
+                    dropout=0.0, seed=0, out_dtype=None):
+    """dx = (dy ⊙ col_scale) W + D ⊙ (s·gb A + (dy ⊙ second_scale) W)."""
+    out_dtype = out_dtype or dy.dtype
+    if use_triton(dy):
+        return _lora.fused_linear_dx(dy, weight, gb, lora_A, scaling, col_scale=col_scale,
+                                     second_scale=second_scale, dropout=dropout, seed=seed,
+                                     out_dtype=out_dtype)
+    w = dense_weight(weight, out_dtype)
+    g = dy if col_scale is None else (dy.float() * col_scale).to(out_dtype)
+    acc = (g.to(out_dtype) @ w).float()
+    inner = (gb @ lora_A.float()) * scaling
+    if second_scale is not None:
+        inner = inner + ((dy.float() * second_scale).to(out_dtype) @ w).float()
+    if dropout:
+        M, K = dy.shape[0], lora_A.shape[1]
+        inner = inner * dropout_scale(seed, (M, K), dropout, dy.device)
+    return (acc + inner).to(out_dtype)
+
+
+def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0):
+    """Σ_m lhs[m]ᵀ (rhs[m] ⊙ D[m]) in fp32 (D: the dropout scale of rhs, when dropout > 0)."""
+    if use_triton(lhs):
+        return _lora.outer_reduce(lhs, rhs, dropout=dropout, seed=seed)
+    r = rhs.float()
+    if dropout:
+        r = r * dropout_scale(seed, rhs.shape, dropout, rhs.device)
+    return lhs.float().t() @ r
+
+
+def row_norm(weight, lora_A, lora_B, scaling):
+    """fp32 [N] ‖W + s·B A‖₂ per row (detached), streamed over the weight on the Triton path."""
+    if use_triton(lora_A):
+        return _dora.row_norm(weight, lora_A, lora_B, scaling)
+    dtype = weight.dtype
+    w = dense_weight(weight, dtype).float()
+    return torch.linalg.vector_norm(w + scaling * (lora_B.float() @ lora_A.float()), dim=1)
+
+
+def column_dot(a, b):
+    """fp32 [N]: Σ_i a_ij b_ij."""
+    if use_triton(a):
+        return _dora.column_dot(a, b)
+    return (a.float() * b.float()).sum(0)
