@@ -1,0 +1,321 @@
+"""The implementations compared by the bench, each registered exactly once with ``@provider``.
+
+A provider gets a `Case` and the case's shared `Inputs` and builds a `Layer`: a forward function
+of x, the trainable tensors whose gradients a backward pass computes, and the frozen objects
+(base weight, quant state) that saved-for-backward accounting leaves out. `Layer.closure(mode)`
+turns it into the zero-argument closure that gets timed; every allocation (weights, adapters, x,
+the incoming gradient, the layer itself) happens before, outside the timed region.
+
+Same math everywhere: adapters A [r, K], B [N, r] (and magnitude m [N]) in `case.adapter_dtype`,
+scaling s = 2 (lora_alpha = 2 r), activations and dense base weight in `case.dtype`, one NF4
+weight (blocksize 64, double quantization) per (N, K) shared by every provider.
+"""
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .cases import Case
+
+SCALING = 2.0
+
+
+class Unsupported(Exception):
+    """This provider does not implement this case (the reason is printed, never silently dropped)."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    build: Callable
+    baseline: bool
+    description: str
+    requires: tuple
+
+    def missing(self):
+        """Name of a missing module this provider needs, or None."""
+        for mod in self.requires:
+            if importlib.util.find_spec(mod) is None:
+                return mod
+        return None
+
+
+PROVIDERS: dict = {}
+
+
+def provider(name, *, description, baseline=False, requires=()):
+    def register(build):
+        if name in PROVIDERS:
+            raise ValueError(f"provider {name!r} registered twice")
+        PROVIDERS[name] = Provider(name, build, baseline, description, tuple(requires))
+        return build
+    return register
+
+
+@dataclass
+class Layer:
+    forward: Callable            # x -> y (ignores x for nf4_dequantize)
+    params: list = field(default_factory=list)   # tensors the backward pass differentiates
+    frozen: list = field(default_factory=list)   # objects whose tensors are not "saved activations"
+    note: str = ""               # backend / fallback facts worth reporting
+
+    def closure(self, case: Case, inputs: "Inputs"):
+        fwd, x = self.forward, inputs.x
+        if case.mode == "decode" or case.op == "nf4_dequantize":
+            def run():
+                with torch.no_grad():
+                    return fwd(x)
+        elif case.mode == "forward":
+            def run():
+                return fwd(x)
+        else:
+            wrt, dy = [x] + self.params, inputs.dy
+
+            def run():
+                return torch.autograd.grad(fwd(x), wrt, dy)
+        return run
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+_WEIGHTS: dict = {}
+
+
+def _nf4_weight_cls():
+    try:
+        from peft_ops import NF4Weight
+    except ImportError:
+        from peft_ops.nf4 import NF4Weight
+    return NF4Weight
+
+
+@dataclass
+class Inputs:
+    w: torch.Tensor               # dense base weight [N, K], case.dtype
+    A: torch.Tensor
+    B: torch.Tensor
+    m: object                     # magnitude [N] for DoRA, else None
+    x: torch.Tensor
+    dy: object
+    cache: dict                   # per-weight cache shared by the cases of one (N, K)
+
+    @classmethod
+    def make(cls, case: Case, device):
+        key = (case.N, case.K, case.dtype, device)
+        if key not in _WEIGHTS:
+            _WEIGHTS.clear()  # one base weight alive at a time: the 14336 x 4096 ones are large
+            g = torch.Generator().manual_seed(0)
+            w = (torch.randn(case.N, case.K, generator=g) / case.K ** 0.5).to(device, case.dtype)
+            _WEIGHTS[key] = {"w": w}
+        cache = _WEIGHTS[key]
+        g = torch.Generator().manual_seed(1)
+        r, ad = max(case.r, 1), case.adapter_dtype
+        A = (torch.randn(r, case.K, generator=g) / case.K ** 0.5).to(device, ad).requires_grad_()
+        B = (torch.randn(case.N, r, generator=g) * 0.01).to(device, ad).requires_grad_()
+        m = None
+        if case.dora:
+            # PEFT's init, m = ||W + s·B A|| per row, taken with B already non-zero so m/n = 1
+            with torch.no_grad():
+                n = torch.linalg.vector_norm(torch.addmm(cache["w"].float(), B.float(), A.float(), alpha=SCALING), dim=1)
+            m = n.to(ad).requires_grad_()
+        M = max(case.M, 1)
+        x = torch.randn(M, case.K, generator=g).to(device, case.dtype)
+        x.requires_grad_(case.trains)
+        dy = torch.randn(M, case.N, generator=g).to(device, case.dtype) if case.mode == "forward+backward" else None
+        return cls(cache["w"], A, B, m, x, dy, cache)
+
+    @property
+    def nf4(self):
+        """peft_ops NF4Weight of w (blocksize 64, double quantization), made on first use."""
+        if "nf4" not in self.cache:
+            self.cache["nf4"] = _nf4_weight_cls().quantize(self.w, blocksize=64, double_quant=True)
+        return self.cache["nf4"]
+
+    def bnb_quantized(self):
+        """(packed, quant_state) of the same weight, quantized by bitsandbytes itself."""
+        cache = self.cache
+        if "bnb" not in cache:
+            import bitsandbytes.functional as bnbF
+            cache["bnb"] = bnbF.quantize_4bit(self.w, blocksize=64, compress_statistics=True,
+                                              quant_type="nf4", quant_storage=torch.uint8)
+        return cache["bnb"]
+
+
+def _trainable(case, inputs):
+    return [inputs.A, inputs.B] + ([inputs.m] if case.dora else [])
+
+
+# -- providers --------------------------------------------------------------------------------
+
+@provider("peft_ops", requires=("peft_ops",),
+          description="peft_ops fused lora_linear (Triton on CUDA; its plain-PyTorch twin on CPU)")
+def _peft_ops(case: Case, inputs: Inputs) -> Layer:
+    from peft_ops.functional import lora_linear
+
+    backend = "triton" if inputs.x.is_cuda else "cpu-path"
+    if case.op == "nf4_dequantize":
+        nf4, dtype = inputs.nf4, case.dtype
+        return Layer(lambda x: nf4.dequantize(dtype), frozen=[nf4], note=backend)
+    weight = inputs.nf4 if case.quantized else inputs.w
+    A, B, m, p = inputs.A, inputs.B, inputs.m, case.dropout
+    training = case.trains
+
+    def forward(x):
+        return lora_linear(x, weight, A, B, SCALING, magnitude=m, dropout=p, training=training, seed=0)
+    return Layer(forward, _trainable(case, inputs), [weight], note=backend)
+
+
+@provider("torch", requires=("torch",),
+          description="dense bf16 F.linear, no adapter: the limit at large M")
+def _torch(case: Case, inputs: Inputs) -> Layer:
+    if case.op == "nf4_dequantize":
+        raise Unsupported("no dense counterpart of a dequantization")
+    w = inputs.w
+    return Layer(lambda x: F.linear(x, w), [], [w])
+
+
+@provider("reference", requires=("peft_ops",),
+          description="peft_ops.reference in plain PyTorch, computed in the activation dtype")
+def _reference(case: Case, inputs: Inputs) -> Layer:
+    from peft_ops import reference
+
+    if case.op == "nf4_dequantize":
+        nf4, dtype = inputs.nf4, case.dtype
+        return Layer(lambda x: reference.nf4_dequantize(nf4, dtype=dtype), frozen=[nf4])
+    if case.dropout and case.trains:
+        raise Unsupported("the reference takes an explicit dropout mask; the bench times dropout 0")
+    weight = inputs.nf4 if case.quantized else inputs.w
+    A, B, m, dtype = inputs.A, inputs.B, inputs.m, case.dtype
+
+    def forward(x):
+        return reference.lora_linear(x, weight, A, B, SCALING, magnitude=m, compute_dtype=dtype)
+    return Layer(forward, _trainable(case, inputs), [weight])
+
+
+class _DequantMatmulAddmm(torch.autograd.Function):
+    """The strongest unfused strategy (as Unsloth does it): dequantize W to a 16-bit buffer, one
+    cuBLAS GEMM, the LoRA path as an addmm into the same output; backward dequantizes again
+    instead of keeping W. Adapters are cast to the activation dtype for the GEMMs, their grads
+    returned in their own dtype. DoRA adds the row norm of W + s·B A from the same buffer and
+    keeps the output y, since dm = Σ_i dy ⊙ y / m."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, m, dequant, s):
+        W = dequant()
+        a, b = A.to(x.dtype), B.to(x.dtype)
+        xa = x @ a.t()
+        y = torch.addmm(x @ W.t(), xa, b.t(), alpha=s)
+        mn = None
+        if m is not None:
+            n = torch.linalg.vector_norm(torch.addmm(W.float(), B.float(), A.float(), alpha=s), dim=1)
+            mn = (m.float() / n.clamp_min(1e-12)).to(x.dtype)
+            y = y * mn
+        ctx.dequant, ctx.s = dequant, s
+        ctx.save_for_backward(x, xa, A, B, m, mn, y if m is not None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, A, B, m, mn, y = ctx.saved_tensors
+        s = ctx.s
+        a, b = A.to(x.dtype), B.to(x.dtype)
+        g = dy if mn is None else dy * mn
+        gb = g @ b
+        dx = torch.addmm(g @ ctx.dequant(), gb, a, alpha=s)
+        dA = (s * (gb.t() @ x)).to(A.dtype)
+        dB = (s * (g.t() @ xa)).to(B.dtype)
+        dm = None if m is None else ((dy.float() * y.float()).sum(0) / m.float()).to(m.dtype)
+        return dx, dA, dB, dm, None, None
+
+
+@provider("dequant_addmm", requires=("torch",),
+          description="dequantize NF4 to bf16 (bitsandbytes) + cuBLAS matmul + LoRA addmm, unfused")
+def _dequant_addmm(case: Case, inputs: Inputs) -> Layer:
+    if case.op == "nf4_dequantize":
+        raise Unsupported("is itself built on a dequantization (see peft_bnb)")
+    if case.dropout and case.trains:
+        raise Unsupported("dropout is not implemented in this baseline; the bench times dropout 0")
+    note = ""
+    if not case.quantized:
+        w = inputs.w
+
+        def dequant():
+            return w
+        frozen = [w]
+    elif importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes.functional as bnbF
+        packed, state = inputs.bnb_quantized()
+
+        def dequant():
+            return bnbF.dequantize_4bit(packed, state)
+        frozen = [packed, state]
+    else:
+        nf4, dtype = inputs.nf4, case.dtype
+        note = "fallback: NF4Weight.dequantize (bitsandbytes not installed)"
+
+        def dequant():
+            return nf4.dequantize(dtype)
+        frozen = [nf4]
+    A, B, m = inputs.A, inputs.B, inputs.m
+
+    def forward(x):
+        return _DequantMatmulAddmm.apply(x, A, B, m, dequant, SCALING)
+    return Layer(forward, _trainable(case, inputs), frozen, note)
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@provider("peft_bnb", baseline=True, requires=("peft", "bitsandbytes"),
+          description="PEFT LoRA/DoRA layer on a bitsandbytes Linear4bit (nn.Linear for the dense ops)")
+def _peft_bnb(case: Case, inputs: Inputs) -> Layer:
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    if case.op == "nf4_dequantize":
+        import bitsandbytes.functional as bnbF
+        packed, state = inputs.bnb_quantized()
+        return Layer(lambda x: bnbF.dequantize_4bit(packed, state), frozen=[packed, state],
+                     note="bitsandbytes.functional.dequantize_4bit")
+    w = inputs.w
+    if case.quantized:
+        base = bnb.nn.Linear4bit(case.K, case.N, bias=False, compute_dtype=case.dtype,
+                                 compress_statistics=True, quant_type="nf4")
+        base.weight = bnb.nn.Params4bit(w.detach().cpu(), requires_grad=False, quant_type="nf4",
+                                        compress_statistics=True, blocksize=64)
+        base = base.to(w.device)  # bitsandbytes quantizes on the move to a real device
+    else:
+        base = torch.nn.Linear(case.K, case.N, bias=False, device=w.device, dtype=w.dtype)
+        base.weight.data.copy_(w)
+        base.weight.requires_grad_(False)
+    model = get_peft_model(_Wrap(base), LoraConfig(r=case.r, lora_alpha=SCALING * case.r, target_modules=["proj"],
+                                                   lora_dropout=case.dropout, use_dora=case.dora))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(inputs.A)
+        layer.lora_B["default"].weight.copy_(inputs.B)
+        if case.dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(inputs.m)
+    model.train(case.trains)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if any(p.dtype != case.adapter_dtype for p in params):
+        raise Unsupported(f"PEFT made adapters in {params[0].dtype}, expected {case.adapter_dtype}")
+    note = f"{type(layer).__module__}.{type(layer).__name__}"
+    return Layer(layer, params, [layer], note)
+
+
+def make_layer(name: str, case: Case, inputs: Inputs) -> Layer:
+    return PROVIDERS[name].build(case, inputs)
+
+
+__all__ = ["PROVIDERS", "Provider", "provider", "Layer", "Inputs", "Unsupported", "make_layer",
+           "SCALING"]
