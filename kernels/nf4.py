@@ -1,12 +1,14 @@
-"""NF4 (4-bit NormalFloat) decoding in Triton, byte-compatible with bitsandbytes.
+"""NF4 (4-bit NormalFloat) encoding and decoding in Triton, byte-compatible with bitsandbytes.
 
 Layout (SPEC §2): the weight is flattened row-major and cut into blocks of ``BLOCKSIZE``
 elements; element ``i`` lives in byte ``i // 2`` (even element in the high nibble) and is scaled
 by ``absmax[i // BLOCKSIZE]``. With double quantization ``absmax`` holds uint8 codes into the
 signed 8-bit dynamic map and is decoded as ``code8[q] * nested_absmax[b // 256] + offset``.
 
-The jitted helpers here are shared by the fused GEMMs in ``lora.py`` and ``dora.py``: they
-return fp32 values and never write a dense copy of the weight.
+The jitted decode helpers are shared by the fused GEMMs in ``lora.py`` and ``dora.py``: they
+return fp32 values and never write a dense copy of the weight. The file then has the standalone
+dequantize kernel and, last, the quantize kernel (4-bit codes and fp32 absmax; the nested 8-bit
+step of double quantization runs in torch, see ``peft_ops.nf4``).
 """
 
 import torch
@@ -114,3 +116,82 @@ def nf4_dequantize(w, dtype):
         enable_fp_fusion=False,
     )
     return out if out.dtype == dtype else out.to(dtype)
+
+
+# --- quantize ---------------------------------------------------------------------------------
+#
+# bitsandbytes (0.50, the torch op its CPU backend runs) scales a full block by the reciprocal,
+# x * (1 / absmax), but the partial last block by division, x / absmax, and stores that block's
+# absmax clamped to at least 1e-38; every block is scaled against max(absmax, 1e-38), so an
+# all-zero block gives codes 7. We do the same, so the bytes match. Divisions use `div_rn`
+# (IEEE round-to-nearest; plain `/` may lower to an approximate divide on the GPU).
+
+@triton.jit
+def _nf4_nearest(scaled, midpoint_ptr):
+    """Index of the nearest NF4 value: the number of fp32 midpoints strictly below `scaled`, so
+    an exact midpoint goes to the lower code (as `torch.bucketize` does in bitsandbytes)."""
+    q = tl.zeros(scaled.shape, dtype=tl.int32)
+    for j in tl.static_range(15):
+        q += (scaled > tl.load(midpoint_ptr + j)).to(tl.int32)
+    return q
+
+
+@triton.jit
+def _nf4_scaled(x, partial, recip, safe_absmax):
+    scaled = tl.where(partial, tl.math.div_rn(x, safe_absmax), x * recip)
+    return tl.minimum(tl.maximum(scaled, -1.0), 1.0)
+
+
+@triton.jit
+def _nf4_quantize_kernel(
+    x_ptr, packed_ptr, absmax_ptr, midpoint_ptr,
+    numel, n_blocks,
+    BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+):
+    # One program quantizes BLOCKS_PER_PROGRAM whole blocks; each row of the tile is one block,
+    # read as its even and its odd elements so the two nibbles of a byte sit side by side.
+    pid = tl.program_id(0).to(tl.int64)
+    block = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    pair = tl.arange(0, BLOCKSIZE // 2)
+    even = block[:, None] * BLOCKSIZE + 2 * pair[None, :]
+    # Past the end (including the pad element of an odd count) reads 0, which encodes as code 7.
+    x_even = tl.load(x_ptr + even, mask=even < numel, other=0.0).to(tl.float32)
+    x_odd = tl.load(x_ptr + even + 1, mask=even + 1 < numel, other=0.0).to(tl.float32)
+
+    absmax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
+    safe_absmax = tl.maximum(absmax, 1e-38)
+    recip = tl.math.div_rn(tl.full(safe_absmax.shape, 1.0, tl.float32), safe_absmax)
+    partial = (block + 1) * BLOCKSIZE > numel
+    tl.store(absmax_ptr + block, tl.where(partial, safe_absmax, absmax), mask=block < n_blocks)
+
+    q_even = _nf4_nearest(_nf4_scaled(x_even, partial[:, None], recip[:, None], safe_absmax[:, None]),
+                          midpoint_ptr)
+    q_odd = _nf4_nearest(_nf4_scaled(x_odd, partial[:, None], recip[:, None], safe_absmax[:, None]),
+                         midpoint_ptr)
+    byte = ((q_even << 4) | q_odd).to(tl.uint8)
+    tl.store(packed_ptr + (even >> 1), byte, mask=even < numel)
+
+
+def nf4_midpoints(device) -> torch.Tensor:
+    """fp32 midpoints between neighbouring NF4 values, computed in fp32 as bitsandbytes does."""
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return (code[:-1] + code[1:]) / 2
+
+
+def nf4_quantize(weight: torch.Tensor, blocksize: int):
+    """Packed NF4 codes (uint8, ``(numel + 1) // 2`` bytes) and fp32 absmax per block of the
+    float tensor `weight`, flattened row-major."""
+    x = weight.contiguous()
+    numel = x.numel()
+    n_blocks = triton.cdiv(numel, blocksize)
+    packed = torch.empty((numel + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
+    # About 4096 elements a program, but no more blocks than there are.
+    blocks_per_program = min(max(1, 4096 // blocksize), triton.next_power_of_2(n_blocks))
+    grid = (triton.cdiv(n_blocks, blocks_per_program),)
+    _nf4_quantize_kernel[grid](
+        x, packed, absmax, nf4_midpoints(x.device), numel, n_blocks,
+        BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=blocks_per_program,
+        enable_fp_fusion=False,
+    )
+    return packed, absmax
