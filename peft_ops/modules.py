@@ -1,0 +1,427 @@
+"""Thin `nn.Module`s over the fused op: `NF4Linear` (a frozen NF4 base) and `LoraLinear` (a LoRA /
+DoRA adapter over a base layer), with PEFT's constructor names and initialisation (SPEC §3).
+
+The math lives in `peft_ops.functional.lora_linear`; these modules only pick the base weight in the
+`[N, K]` orientation the op expects, hold the adapter parameters, and merge / unmerge.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import dora_row_norm, lora_linear
+from .nf4 import NF4Weight
+from .reference import DORA_EPS
+
+__all__ = ["NF4Linear", "LoraLinear"]
+
+
+# --- optional third-party layer types ------------------------------------------------------------
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional
+        return None
+    return Conv1D
+
+
+def _bnb_linear4bit_type():
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # bitsandbytes is optional
+        return None
+    return bnb.nn.Linear4bit
+
+
+def is_conv1d(module):
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_bnb_linear4bit(module):
+    linear4bit = _bnb_linear4bit_type()
+    return linear4bit is not None and isinstance(module, linear4bit)
+
+
+def bnb_nf4_unsupported_reason(module):
+    """Why a bitsandbytes Linear4bit cannot feed the fused op, or None when it can."""
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return "bitsandbytes Linear4bit whose weight is not quantized yet"
+    if getattr(state, "quant_type", getattr(weight, "quant_type", None)) != "nf4":
+        return f"bitsandbytes 4-bit quant_type {state.quant_type!r} (only 'nf4' is fused)"
+    return None
+
+
+class _BnbNF4Cache:
+    """An `NF4Weight` view of a bitsandbytes `Params4bit`, rebuilt when the parameter changes.
+
+    Merging, `.to(device)` or loading a state dict replace the Params4bit or its data, so the view is
+    keyed on the parameter object and the storages it reads.
+    """
+
+    def __init__(self):
+        self.key = None
+        self.weight = None
+
+    def get(self, params4bit):
+        state = params4bit.quant_state
+        key = (id(params4bit), params4bit.data_ptr(), id(state), state.absmax.data_ptr(), params4bit.device)
+        if key != self.key:
+            self.weight = NF4Weight.from_bnb(params4bit)
+            self.key = key
+        return self.weight
+
+
+def nf4_of_bnb(module):
+    """The bitsandbytes Linear4bit `module`'s weight as an NF4Weight (cached on the module)."""
+    cache = module.__dict__.get("_peft_ops_nf4_cache")
+    if cache is None:
+        cache = module.__dict__["_peft_ops_nf4_cache"] = _BnbNF4Cache()
+    return cache.get(module.weight)
+
+
+def base_in_out_features(base):
+    if is_conv1d(base):
+        in_features, out_features = base.weight.shape
+        return in_features, out_features
+    return base.in_features, base.out_features
+
+
+def base_weight_nk(base):
+    """The base layer's weight as the fused op takes it: a dense `[N, K]` tensor (a view, never a copy)
+    or an NF4Weight."""
+    if isinstance(base, NF4Linear):
+        return base.weight
+    if is_bnb_linear4bit(base):
+        return nf4_of_bnb(base)
+    if is_conv1d(base):
+        return base.weight.t()  # Conv1D stores W as [K, N] (fan_in_fan_out)
+    return base.weight
+
+
+# --- NF4Linear -----------------------------------------------------------------------------------
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in NF4 (bitsandbytes-compatible bytes, SPEC §2).
+
+    `weight` is a `peft_ops.NF4Weight` (not a Parameter: it never trains); `bias` is an ordinary
+    Parameter or None. Its state dict uses bitsandbytes' `Linear4bit` keys (`weight`,
+    `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`,
+    `weight.quant_state.bitsandbytes__nf4`, `bias`), so it loads what a bitsandbytes 4-bit model
+    saves and the other way round.
+
+    `.to(device)` moves the NF4 bytes; dtype casts (`.half()`, `.to(torch.bfloat16)`) touch only the
+    bias: the packed weight and its fp32 statistics keep their dtype, and the output always has the
+    input's dtype.
+
+    Args:
+        in_features, out_features: sizes, as `nn.Linear`.
+        bias: whether the layer has a bias.
+        blocksize: NF4 block size (32 ... 4096).
+        double_quant: quantize the absmax statistics too (bitsandbytes `compress_statistics`).
+        dtype: the dtype the weight dequantizes to (bitsandbytes' `quant_state.dtype`).
+        device: where to allocate.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, *, blocksize=64, double_quant=True,
+                 dtype=None, device=None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        # All-zero blocks quantize to absmax 0 (SPEC §2); a state dict or from_linear fills real values.
+        self.weight = NF4Weight.quantize(torch.zeros(out_features, in_features, dtype=dtype, device=device),
+                                         blocksize=blocksize, double_quant=double_quant)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear, blocksize=64, double_quant=True):
+        """Quantize an `nn.Linear` (or a transformers `Conv1D`, whose weight is stored transposed)
+        into an NF4Linear; the bias is copied (same dtype and requires_grad)."""
+        if is_conv1d(linear):
+            weight = linear.weight.detach().t()
+        elif isinstance(linear, nn.Linear) and not is_bnb_linear4bit(linear):
+            weight = linear.weight.detach()
+        else:
+            raise TypeError(f"linear must be an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+        out_features, in_features = weight.shape
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = in_features, out_features
+        layer.weight = NF4Weight.quantize(weight.contiguous(), blocksize=blocksize, double_quant=double_quant)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        else:
+            layer.register_parameter("bias", None)
+        return layer
+
+    @classmethod
+    def from_bnb(cls, linear4bit):
+        """Wrap a bitsandbytes NF4 `Linear4bit` (its bytes are shared, not copied)."""
+        if not is_bnb_linear4bit(linear4bit):
+            raise TypeError(f"linear4bit must be a bitsandbytes Linear4bit, got {type(linear4bit).__name__}")
+        reason = bnb_nf4_unsupported_reason(linear4bit)
+        if reason is not None:
+            raise ValueError(f"linear4bit: {reason}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear4bit.in_features, linear4bit.out_features
+        layer.weight = NF4Weight.from_bnb(linear4bit.weight)
+        if linear4bit.bias is not None:
+            layer.bias = nn.Parameter(linear4bit.bias.detach(), requires_grad=linear4bit.bias.requires_grad)
+        else:
+            layer.register_parameter("bias", None)
+        return layer
+
+    @property
+    def device(self):
+        return self.weight.device
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.dequantize(x.dtype), bias)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # Module._apply only visits Parameters and buffers; move the NF4 tensors by probing where `fn`
+        # sends a tensor living on the weight's device. Dtype casts are deliberately not applied.
+        target = fn(torch.empty(0, device=self.device)).device
+        if target != self.device:
+            self.weight = self.weight.to(target)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.update(self.weight.state_dict(prefix))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        wkey = prefix + "weight"
+        ours = [k for k in state_dict if k == wkey or k.startswith(wkey + ".")]
+        for k in ours:
+            if k in unexpected_keys:
+                unexpected_keys.remove(k)
+        if wkey not in state_dict:
+            missing_keys.append(wkey)
+            return
+        try:
+            weight = NF4Weight.from_state_dict(state_dict, prefix)
+        except (KeyError, ValueError, TypeError) as e:
+            error_msgs.append(f"{prefix}weight: cannot read the NF4 weight ({e})")
+            return
+        expected = (self.out_features, self.in_features)
+        if tuple(weight.shape) != expected:
+            error_msgs.append(f"size mismatch for {wkey}: the checkpoint holds an NF4 weight of shape "
+                              f"{tuple(weight.shape)}, the layer expects {expected}")
+            return
+        self.weight = weight.to(self.device)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, nf4")
+
+
+# --- LoraLinear ----------------------------------------------------------------------------------
+
+class LoraLinear(nn.Module):
+    """A LoRA / DoRA adapter over a base layer, computed by the fused `lora_linear`.
+
+    `y = x Wᵀ + bias + s·(drop(x) Aᵀ) Bᵀ` (LoRA), or PEFT's DoRA with the magnitude vector (SPEC §3).
+
+    Args:
+        base_layer: an `nn.Linear`, a `peft_ops.NF4Linear`, a bitsandbytes NF4 `Linear4bit`, or a
+            transformers `Conv1D` (stored transposed; handled as `fan_in_fan_out`). Kept as the
+            submodule `base_layer`, frozen by the caller (see `add_lora`).
+        r: rank (positive int).
+        lora_alpha: scaling numerator: `s = lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
+        lora_dropout: dropout probability on the LoRA input, in [0, 1).
+        use_dora: add the DoRA magnitude vector `lora_magnitude_vector`, initialised to the row
+            norms of the base weight (which equal ‖W + s·B A‖ since B starts at zero).
+        use_rslora: rank-stabilised scaling.
+        init_lora_weights: True: A kaiming-uniform (a=√5, as `nn.Linear`), B zero, as PEFT;
+            "gaussian": A ~ N(0, 1/r); False: B random too (a non-identity start, for tests).
+        dtype: adapter dtype (fp32 by default, as PEFT; activations may be bf16/fp16).
+
+    Parameters: `lora_A` `[r, in_features]`, `lora_B` `[out_features, r]`, and with DoRA
+    `lora_magnitude_vector` `[out_features]`; all trainable.
+    """
+
+    def __init__(self, base_layer, r=8, lora_alpha=8, lora_dropout=0.0, use_dora=False, use_rslora=False,
+                 init_lora_weights=True, *, dtype=torch.float32):
+        super().__init__()
+        if not isinstance(base_layer, nn.Module) or not (
+            isinstance(base_layer, (nn.Linear, NF4Linear)) or is_conv1d(base_layer)
+        ):
+            raise TypeError("base_layer must be an nn.Linear, a peft_ops.NF4Linear, a bitsandbytes Linear4bit "
+                            f"or a transformers Conv1D, got {type(base_layer).__name__}")
+        if isinstance(base_layer, LoraLinear):
+            raise TypeError("base_layer is already a LoraLinear")
+        if is_bnb_linear4bit(base_layer):
+            reason = bnb_nf4_unsupported_reason(base_layer)
+            if reason is not None:
+                raise ValueError(f"base_layer: {reason}")
+        elif isinstance(base_layer, nn.Linear) and type(base_layer).__module__.startswith("bitsandbytes"):
+            raise TypeError(f"base_layer: bitsandbytes {type(base_layer).__name__} is not supported "
+                            "(only NF4 Linear4bit)")
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool):
+            raise TypeError(f"lora_alpha must be a number, got {type(lora_alpha).__name__}")
+        if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_in_out_features(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.use_dora = bool(use_dora)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.merged = False
+        self._merge_state = None  # what unmerge needs (DoRA norm, pre-merge NF4 weight)
+
+        device = base_device(base_layer)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=device))
+        self.reset_lora_parameters(init_lora_weights)
+        if self.use_dora:
+            magnitude = dora_row_norm(base_weight_nk(base_layer), self.lora_A, self.lora_B, self.scaling)
+            self.lora_magnitude_vector = nn.Parameter(magnitude.to(dtype))
+        else:
+            self.register_parameter("lora_magnitude_vector", None)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights=True):
+        """PEFT's initialisation: A kaiming-uniform (or gaussian), B zero (random when False)."""
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.normal_(self.lora_B, std=1 / self.r)
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    @property
+    def weight(self):
+        """The base weight in its stored form (transformers code sometimes reads `.weight`)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        if self.merged:
+            return self.base_layer(x)
+        return lora_linear(x, base_weight_nk(self.base_layer), self.lora_A, self.lora_B, self.scaling,
+                           bias=self.base_layer.bias, magnitude=self.lora_magnitude_vector,
+                           dropout=self.lora_dropout, training=self.training)
+
+    # --- merge / unmerge ---
+
+    def _delta_weight(self):
+        """s·B A in fp32, `[N, K]`."""
+        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the adapter into the base weight; afterwards `forward` runs the base alone.
+
+        Dense bases are updated in place (`W += s·B A`; DoRA `W = (m/n) ⊙ (W + s·B A)`, n cached for
+        unmerge). NF4 bases are dequantized, merged in fp32 and requantized with the same block size
+        and double quantization; the pre-merge NF4 weight is kept so that `unmerge` restores it
+        exactly. Returns the relative Frobenius error the requantization added,
+        ‖deq(quant(W')) − W'‖ / ‖W'‖ with W' the exact merged weight (0.0 for dense bases).
+        """
+        if self.merged:
+            raise ValueError("the adapter is already merged")
+        base = self.base_layer
+        w_nk = base_weight_nk(base)
+        delta = self._delta_weight()
+        scale = None
+        if self.use_dora:
+            norm = dora_row_norm(w_nk, self.lora_A, self.lora_B, self.scaling).float()
+            scale = (self.lora_magnitude_vector.detach().float() / norm.clamp_min(DORA_EPS))[:, None]
+        if isinstance(w_nk, torch.Tensor):
+            merged = w_nk.float() + delta
+            if scale is not None:
+                merged = scale * merged
+            w_nk.copy_(merged.to(w_nk.dtype))  # a view for Conv1D: writes through to [K, N] storage
+            self._merge_state = {"scale": scale}
+            error = 0.0
+        else:
+            merged = w_nk.dequantize(torch.float32) + delta
+            if scale is not None:
+                merged = scale * merged
+            self._merge_state = {"scale": scale, "weight": base.weight}
+            new = self._requantize_base(merged.to(w_nk.dtype), w_nk)
+            error = float(torch.linalg.vector_norm(new.dequantize(torch.float32) - merged)
+                          / torch.linalg.vector_norm(merged).clamp_min(1e-30))
+        self.merged = True
+        return error
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Undo `merge`. NF4 bases get their pre-merge weight back exactly; dense bases subtract the
+        delta again (exact up to the rounding of the base dtype)."""
+        if not self.merged:
+            raise ValueError("the adapter is not merged")
+        base = self.base_layer
+        state = self._merge_state
+        if "weight" in state:
+            base.weight = state["weight"]
+        else:
+            w_nk = base_weight_nk(base)
+            w = w_nk.float()
+            if state["scale"] is not None:
+                w = w / state["scale"]
+            w_nk.copy_((w - self._delta_weight()).to(w_nk.dtype))
+        self._merge_state = None
+        self.merged = False
+
+    def _requantize_base(self, dense, old):
+        """Quantize `dense` with `old`'s settings into the base; returns the new NF4Weight."""
+        base = self.base_layer
+        if isinstance(base, NF4Linear):
+            base.weight = NF4Weight.quantize(dense, blocksize=old.blocksize, double_quant=old.double_quant)
+            return base.weight
+        # bitsandbytes Linear4bit: let bitsandbytes quantize a fresh Params4bit, as PEFT's merge does.
+        import bitsandbytes as bnb
+
+        weight = base.weight
+        base.weight = bnb.nn.Params4bit(
+            dense.to("cpu"), requires_grad=False, quant_type="nf4", blocksize=old.blocksize,
+            compress_statistics=old.double_quant, quant_storage=weight.quant_storage, module=base,
+        ).to(weight.device)
+        return nf4_of_bnb(base)
+
+    def extra_repr(self):
+        kind = "DoRA" if self.use_dora else "LoRA"
+        return (f"{kind}: r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+                f"use_rslora={self.use_rslora}, merged={self.merged}")
+
+
+def base_device(base):
+    if isinstance(base, NF4Linear):
+        return base.device
+    return base.weight.device
