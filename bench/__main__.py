@@ -24,7 +24,7 @@ def build_config(argv=None) -> Config:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--budget-s", type=float, help="stop starting new cases after this many seconds "
                     "(default: 540 for the full GPU suite, none otherwise)")
-    ap.add_argument("--rounds", type=int, help="CPU: timed rounds per case (default 15, quick 9)")
+    ap.add_argument("--rounds", type=int, help="CPU: timed rounds per case (default 15, quick 7)")
     ap.add_argument("--no-memory", action="store_true", help="skip the saved-for-backward memory table")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
@@ -48,7 +48,7 @@ def build_config(argv=None) -> Config:
     budget = a.budget_s if a.budget_s is not None else (540.0 if cuda and "gpu" in named else float("inf"))
     cfg = Config(device=a.device, cases=cases, providers=a.providers,
                  out_dir=a.out or default_out_dir(a.device), budget_s=budget,
-                 cpu_rounds=a.rounds or (9 if a.quick else 15), cpu_case_budget_s=4.0 if a.quick else 15.0,
+                 cpu_rounds=a.rounds or (7 if a.quick else 15), cpu_case_budget_s=3.0 if a.quick else 15.0,
                  gpu_warmup_ms=10 if a.quick else 25, gpu_rep_ms=40 if a.quick else 60,
                  memory_table=not a.no_memory, plots=not a.no_plots)
     cfg.list_only = a.list

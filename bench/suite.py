@@ -39,6 +39,7 @@ class Config:
     providers: list
     out_dir: str
     cpu_rounds: int = 15
+    cpu_warmup: int = 2
     cpu_case_budget_s: float = 10.0
     gpu_warmup_ms: int = 25
     gpu_rep_ms: int = 100
@@ -144,7 +145,7 @@ def run_case(cfg: Config, case, env, report: Report):
         peaks = {name: timing.gpu_peak_extra_mib(fn) for name, fn in closures.items()}
         rounds = None
     elif closures:
-        rounds = timing.cpu_time_rounds_ms(closures, rounds=cfg.cpu_rounds, budget_s=cfg.cpu_case_budget_s)
+        rounds = timing.cpu_time_rounds_ms(closures, warmup=cfg.cpu_warmup, rounds=cfg.cpu_rounds, budget_s=cfg.cpu_case_budget_s)
         times = {name: tuple(timing.quantiles(s)) for name, s in rounds.items()}
         peaks = {}
 
