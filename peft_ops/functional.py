@@ -15,22 +15,25 @@ import torch
 from . import ops
 from .reference.lora import DORA_EPS
 
-_NF4_TENSORS = ("packed", "absmax", "nested_absmax", "nested_code", "code")
-
-
 def _split_weight(weight):
-    """(tensors, spec): the weight's tensors, for save_for_backward, and what rebuilds it."""
+    """(tensors, spec): the weight's tensors, for ctx.save_for_backward, and the tensor-free
+    description that rebuilds it around them in backward (no tensor is kept on ctx)."""
     if isinstance(weight, torch.Tensor):
         return (weight,), None
-    names = tuple(n for n in _NF4_TENSORS if getattr(weight, n, None) is not None)
-    return tuple(getattr(weight, n) for n in names), (weight, names)
+    fields = vars(weight)
+    names = tuple(k for k, v in fields.items() if isinstance(v, torch.Tensor))
+    meta = {k: v for k, v in fields.items() if k not in names}
+    return tuple(fields[k] for k in names), (type(weight), names, meta)
 
 
 def _join_weight(tensors, spec):
     if spec is None:
         return tensors[0]
-    weight, names = spec
-    return weight.with_tensors(dict(zip(names, tensors)))
+    cls, names, meta = spec
+    weight = cls.__new__(cls)   # no re-validation: these are the tensors forward was given
+    weight.__dict__.update(meta)
+    weight.__dict__.update(zip(names, tensors))
+    return weight
 
 
 class LoraLinearFunction(torch.autograd.Function):

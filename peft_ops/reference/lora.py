@@ -14,13 +14,14 @@ import torch.nn.functional as F
 DORA_EPS = 1e-12
 
 
-def dense_weight(weight, dtype):
-    """`weight` (dense [N, K] tensor or NF4Weight) as a dense tensor of `dtype`."""
+def dense_weight(weight, dtype, decode_dtype=None):
+    """`weight` (dense [N, K] tensor or NF4Weight) as a dense tensor of `dtype`. An NF4 weight is
+    first decoded to `decode_dtype` (default: its original dtype), which is where its values
+    are rounded: bitsandbytes' matmul decodes to the activation dtype, PEFT's DoRA norm uses the
+    original dtype."""
     if isinstance(weight, torch.Tensor):
         return weight.to(dtype)
-    from .nf4 import nf4_dequantize
-
-    return nf4_dequantize(weight, dtype=weight.dtype).to(dtype)
+    return weight.dequantize(decode_dtype or weight.dtype).to(dtype)
 
 
 def dora_row_norm(weight, lora_A, lora_B, scaling, compute_dtype=torch.float64):
@@ -45,7 +46,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
     """
     c = compute_dtype
     xc = x.to(c)
-    w = dense_weight(weight, c)
+    w = dense_weight(weight, c, decode_dtype=x.dtype)
     a, b = lora_A.to(c), lora_B.to(c)
     xd = xc if dropout_scale is None else xc * dropout_scale.to(c)
     lora = F.linear(F.linear(xd, a), b) * scaling

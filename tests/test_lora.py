@@ -1,0 +1,320 @@
+"""Fused LoRA / DoRA linear (`peft_ops.lora_linear`) against the fp64 reference.
+
+Every test runs both backends the package has on CPU: the Triton kernels (in the interpreter,
+TRITON_INTERPRET=1 from conftest) and the plain-PyTorch twins. Tolerances are normwise: the
+largest error over the largest reference magnitude, see `TOL`.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import peft_ops
+from peft_ops import ops, reference
+from peft_ops.kernels import _config
+from peft_ops.kernels import lora as klora
+
+# Normwise tolerances per activation dtype. fp32: the kernels accumulate in fp32 over at most a few
+# hundred terms (error ~ sqrt(K)·2⁻²⁴ ≪ 1e-5). fp16/bf16: the output and dx are rounded once to
+# the dtype (2⁻¹¹ / 2⁻⁸ relative), and dx/DoRA's g = dy·m/n round one more operand: two half-ulps
+# plus accumulation, so 4 ulps of headroom.
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Adapter gradients are fp32 sums of products of inputs that are exact in the activation dtype;
+# with fp32 adapters they see only the rounding of dy/x they share with the reference.
+ADAPTER_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(params=["triton", "twin"])
+def backend(request, monkeypatch):
+    """Run the test on the Triton kernels (interpreter) or on the PyTorch twins."""
+    if request.param == "twin":
+        monkeypatch.setattr(ops, "use_triton", lambda t: False)
+    else:
+        assert _config.interpreting(), "tests/conftest.py sets TRITON_INTERPRET=1"
+    return request.param
+
+
+def assert_close(actual, expected, tol, what):
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert err <= tol * max(scale, 1e-6), f"{what}: max error {err:.3e} > {tol:.1e} × {scale:.3e}"
+
+
+def make_weight(N, K, dtype, nf4, blocksize=64, gen=None):
+    w = torch.randn(N, K, generator=gen) / K**0.5
+    if nf4:
+        return peft_ops.NF4Weight.quantize(w.to(dtype), blocksize=blocksize, double_quant=True)
+    return w.to(dtype)
+
+
+def run_case(*, lead, N, K, r, dtype, adapter_dtype, nf4, dora, bias, p, noncontig=False,
+             blocksize=64, seed=7, scaling=0.5, dy_kind="random", magnitude=None):
+    """Forward + backward through lora_linear and through the reference; compare all of it."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = make_weight(N, K, dtype, nf4, blocksize, gen)
+    if noncontig:   # x as a transposed view: last dim has stride != 1
+        x = torch.randn(*lead[:-1], K, lead[-1], generator=gen).to(dtype).transpose(-1, -2)
+    else:
+        x = torch.randn(*lead, K, generator=gen).to(dtype)
+    x.requires_grad_()
+    A = (torch.randn(r, K, generator=gen) / K**0.5).to(adapter_dtype).requires_grad_()
+    B = torch.randn(N, r, generator=gen).to(adapter_dtype).requires_grad_()
+    b = torch.randn(N, generator=gen).to(dtype).requires_grad_() if bias else None
+    m = None
+    if dora:
+        m = magnitude if magnitude is not None else torch.rand(N, generator=gen) + 0.5
+        m = m.clone().requires_grad_()
+    leaves = [t for t in (x, A, B, m, b) if t is not None]
+    names = [n for n, t in zip("x A B m bias".split(), (x, A, B, m, b)) if t is not None]
+
+    y = peft_ops.lora_linear(x, weight, A, B, scaling, bias=b, magnitude=m, dropout=p,
+                             training=True, seed=1234)
+    if dy_kind == "sum":    # stride-0 incoming gradient
+        y.float().sum().backward()
+        dy = torch.ones_like(y)
+    else:
+        dy = torch.randn(y.shape, generator=gen).to(dtype)
+        y.backward(dy)
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+
+    M = x.numel() // K
+    scale = ops.dropout_scale(1234, (M, K), p, "cpu").reshape(x.shape) if p else None
+    y_ref = reference.lora_linear(x, weight, A, B, scaling, bias=b, magnitude=m, dropout_scale=scale)
+    y_ref.backward(dy)
+    assert_close(y, y_ref, TOL[dtype], "y")
+    for name, t, g in zip(names, leaves, grads):
+        tol = TOL[dtype] if name in ("x", "bias") else ADAPTER_TOL[dtype]
+        assert_close(g, t.grad, tol, f"d{name}")
+    return y
+
+
+dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+dims = st.sampled_from([1, 2, 5, 16, 31, 33, 64, 67])
+small_k = st.sampled_from([2, 16, 31, 64, 66, 97])
+
+
+@st.composite
+def cases(draw):
+    dtype = draw(dtypes)
+    lead = draw(st.sampled_from([(1,), (3,), (17,), (64,), (2, 5), (3, 1, 7)]))
+    nf4 = draw(st.booleans())
+    return dict(
+        lead=lead, N=draw(dims), K=draw(small_k), r=draw(st.sampled_from([1, 2, 3, 8, 16, 33, 64])),
+        dtype=dtype, adapter_dtype=draw(st.sampled_from([torch.float32, dtype])), nf4=nf4,
+        blocksize=draw(st.sampled_from([32, 64, 128])) if nf4 else 64,
+        bias=draw(st.booleans()), p=draw(st.sampled_from([0.0, 0.0, 0.1, 0.5])),
+        noncontig=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+        scaling=draw(st.sampled_from([0.25, 1.0, 2.0])),
+    )
+
+
+# The backend fixture only patches the dispatcher: sharing it across examples is intended.
+shared_fixture = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                                 HealthCheck.data_too_large])
+
+
+@shared_fixture
+@given(case=cases())
+def test_lora_matches_reference(backend, case):
+    run_case(dora=False, **case)
+
+
+@shared_fixture
+@given(case=cases())
+def test_dora_matches_reference(backend, case):
+    run_case(dora=True, **case)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_stride_zero_grad_3d(backend, nf4, dora):
+    # y.sum().backward() hands backward an expanded gradient with all strides 0.
+    run_case(lead=(2, 3), N=33, K=64, r=4, dtype=torch.float32, adapter_dtype=torch.float32,
+             nf4=nf4, dora=dora, bias=True, p=0.1, dy_kind="sum")
+
+
+@pytest.mark.parametrize("K", [63, 64])   # odd K: NF4 rows straddle bytes and quant blocks
+def test_nf4_rows_straddle_blocks(backend, K):
+    run_case(lead=(5,), N=7, K=K, r=3, dtype=torch.bfloat16, adapter_dtype=torch.float32,
+             nf4=True, dora=True, bias=False, p=0.0, blocksize=32)
+
+
+def test_eval_ignores_dropout(backend):
+    gen = torch.Generator().manual_seed(0)
+    x, W = torch.randn(9, 32, generator=gen), torch.randn(17, 32, generator=gen)
+    A, B = torch.randn(4, 32, generator=gen), torch.randn(17, 4, generator=gen)
+    y_eval = peft_ops.lora_linear(x, W, A, B, 2.0, dropout=0.5, training=False)
+    y_none = peft_ops.lora_linear(x, W, A, B, 2.0, dropout=0.0, training=True)
+    y_train = peft_ops.lora_linear(x, W, A, B, 2.0, dropout=0.5, training=True, seed=3)
+    assert torch.equal(y_eval, y_none)
+    assert not torch.allclose(y_train, y_none)
+
+
+def test_deterministic(backend):
+    gen = torch.Generator().manual_seed(1)
+    W = peft_ops.NF4Weight.quantize(torch.randn(40, 96, generator=gen))
+    x = torch.randn(3, 11, 96, generator=gen)
+    A, B = torch.randn(8, 96, generator=gen), torch.randn(40, 8, generator=gen)
+    m, b = torch.rand(40, generator=gen), torch.randn(40, generator=gen)
+
+    def once():
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, m, b)]
+        y = peft_ops.lora_linear(leaves[0], W, leaves[1], leaves[2], 0.5, bias=leaves[4],
+                                 magnitude=leaves[3], dropout=0.2, training=True, seed=99)
+        y.backward(torch.ones_like(y))
+        return [y] + [t.grad for t in leaves]
+
+    for a, c in zip(once(), once()):
+        assert torch.equal(a, c)
+
+
+def test_dropout_stream_matches_triton_and_keep_rate():
+    # The twin's Philox reproduces tl.rand bit for bit, so CPU and GPU masks agree for a seed.
+    shape = (37, 1001)
+    triton_scale = ops.dropout_scale(2024, shape, 0.3, "cpu")     # interpreter: Triton kernel
+    u = ops.philox_uniform(2024, torch.arange(37 * 1001))
+    twin_keep = (u >= torch.tensor(0.3)).reshape(shape)
+    assert torch.equal(triton_scale > 0, twin_keep)
+    # Keep rate: n = 37037 Bernoulli(0.7) draws, std sqrt(0.21/n) = 2.4e-3; 5 sigma.
+    assert abs((triton_scale > 0).float().mean().item() - 0.7) < 0.012
+    # Different seeds give different masks; values are exactly 0 or 1/(1-p).
+    assert not torch.equal(triton_scale, ops.dropout_scale(2025, shape, 0.3, "cpu"))
+    values = triton_scale.unique()
+    assert values.numel() == 2 and values[0] == 0.0
+    assert values[1] == torch.tensor(1 / 0.7, dtype=torch.float32)
+
+
+def test_twin_dropout_keep_rate_large():
+    u = ops.philox_uniform(7, torch.arange(1_000_000))
+    keep = (u >= torch.tensor(0.05)).float().mean().item()
+    assert abs(keep - 0.95) < 5 * (0.05 * 0.95 / 1e6) ** 0.5
+    assert 0.0 <= u.min().item() and u.max().item() < 1.0
+
+
+def test_triton_kernels_run_under_interpreter(monkeypatch):
+    calls = []
+    for name in ("lora_shrink", "fused_linear", "fused_linear_dx", "outer_reduce"):
+        fn = getattr(klora, name)
+        monkeypatch.setattr(klora, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
+    run_case(lead=(4,), N=8, K=16, r=2, dtype=torch.float32, adapter_dtype=torch.float32,
+             nf4=True, dora=False, bias=True, p=0.0)
+    assert {"lora_shrink", "fused_linear", "fused_linear_dx", "outer_reduce"} <= set(calls)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_split_k_paths_match_single_pass(dora):
+    # The GPU picks split-K for decode-sized M; force it here so the interpreter covers it.
+    gen = torch.Generator().manual_seed(5)
+    W = peft_ops.NF4Weight.quantize(torch.randn(48, 200, generator=gen))
+    x = torch.randn(3, 200, generator=gen)
+    A, B = torch.randn(5, 200, generator=gen), torch.randn(48, 5, generator=gen)
+    mn = torch.rand(48, generator=gen) if dora else None
+    xd = x * 2 if dora else None
+    xa1 = klora.lora_shrink(x, A, split_k=1)
+    xa3 = klora.lora_shrink(x, A, split_k=3)
+    torch.testing.assert_close(xa3, xa1, rtol=1e-6, atol=1e-6)
+    one = klora.fused_linear(x, W, xa1, B, 0.5, mn=mn, xd=xd, save_z=dora, split_k=1)
+    three = klora.fused_linear(x, W, xa1, B, 0.5, mn=mn, xd=xd, save_z=dora, split_k=3)
+    for a, c in zip(one if dora else [one], three if dora else [three]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    r1 = klora.outer_reduce(x, B[:3], split_m=1)
+    r2 = klora.outer_reduce(torch.cat([x] * 30), torch.cat([B[:3]] * 30), split_m=4)
+    torch.testing.assert_close(r2, 30 * r1, rtol=1e-5, atol=1e-4)
+
+
+def test_saved_tensors_are_small():
+    # Backward keeps x, xa (M×r) and, for DoRA with a trainable magnitude, z (M×N): never a
+    # dropout mask, never a dense weight.
+    gen = torch.Generator().manual_seed(0)
+    M, N, K, r = 64, 48, 96, 4
+    W = peft_ops.NF4Weight.quantize(torch.randn(N, K, generator=gen))
+    x = torch.randn(M, K, generator=gen, requires_grad=True)
+    A = torch.randn(r, K, generator=gen, requires_grad=True)
+    B = torch.randn(N, r, generator=gen, requires_grad=True)
+    m = torch.rand(N, generator=gen, requires_grad=True)
+    for mag, expected in ((None, M * K * 4 + M * r * 4), (m, M * K * 4 + M * r * 4 + M * N * 4 + N * 4)):
+        saved = {}
+
+        def pack(t):
+            frozen = [v for v in vars(W).values() if isinstance(v, torch.Tensor)]
+            if t.data_ptr() not in {p.data_ptr() for p in [A, B, m] + frozen}:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            peft_ops.lora_linear(x, W, A, B, 1.0, magnitude=mag, dropout=0.1, training=True)
+        assert sum(saved.values()) == expected, saved
+
+
+@pytest.mark.parametrize("magnitude", ["zero_rows", "zero_m", "huge", "tiny"])
+def test_dora_extreme_magnitudes_and_zero_norm_rows(backend, magnitude):
+    N, K, r = 9, 32, 2
+    gen = torch.Generator().manual_seed(3)
+    m = torch.rand(N, generator=gen) + 0.5
+    if magnitude == "zero_m":
+        m[::2] = 0.0
+    elif magnitude == "huge":
+        m = m * 1e4
+    elif magnitude == "tiny":
+        m = m * 1e-6
+    if magnitude == "zero_rows":
+        # rows whose W + s·B A is exactly zero: PEFT divides 0 by 0 here
+        w = torch.randn(N, K, generator=gen)
+        w[2] = 0.0
+        w[5] = 0.0
+        x = torch.randn(4, K, generator=gen, requires_grad=True)
+        A = torch.randn(r, K, generator=gen, requires_grad=True)
+        B = torch.randn(N, r, generator=gen)
+        B[2] = 0.0
+        B[5] = 0.0
+        B.requires_grad_()
+        mm = m.clone().requires_grad_()
+        y = peft_ops.lora_linear(x, w, A, B, 1.0, magnitude=mm)
+        y.backward(torch.ones_like(y))
+        assert torch.isfinite(y).all() and torch.isfinite(mm.grad).all() and torch.isfinite(x.grad).all()
+        assert torch.equal(y[:, 2], torch.zeros(4)) and mm.grad[2] == 0
+        return
+    run_case(lead=(4,), N=N, K=K, r=r, dtype=torch.float32, adapter_dtype=torch.float32, nf4=True,
+             dora=True, bias=True, p=0.0, magnitude=m)
+
+
+def test_bad_inputs():
+    x, W = torch.randn(4, 8), torch.randn(6, 8)
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    with pytest.raises(ValueError, match="x: last dimension"):
+        peft_ops.lora_linear(torch.randn(4, 7), W, A, B, 1.0)
+    with pytest.raises(ValueError, match="lora_A"):
+        peft_ops.lora_linear(x, W, torch.randn(2, 7), B, 1.0)
+    with pytest.raises(ValueError, match=r"lora_B: expected shape \[6, 2\]"):
+        peft_ops.lora_linear(x, W, A, torch.randn(6, 3), 1.0)        # r mismatch
+    with pytest.raises(ValueError, match="weight: expected a 2-D"):
+        peft_ops.lora_linear(x, torch.randn(6, 8, 1), A, B, 1.0)
+    with pytest.raises(TypeError, match="x: expected float32"):
+        peft_ops.lora_linear(x.long(), W, A, B, 1.0)
+    with pytest.raises(TypeError, match="weight: dense weight dtype"):
+        peft_ops.lora_linear(x, W.double(), A, B, 1.0)
+    with pytest.raises(TypeError, match="weight: expected a dense"):
+        peft_ops.lora_linear(x, "W", A, B, 1.0)
+    with pytest.raises(ValueError, match="magnitude"):
+        peft_ops.lora_linear(x, W, A, B, 1.0, magnitude=torch.ones(5))
+    with pytest.raises(ValueError, match="bias"):
+        peft_ops.lora_linear(x, W, A, B, 1.0, bias=torch.ones(5))
+    with pytest.raises(ValueError, match="dropout"):
+        peft_ops.lora_linear(x, W, A, B, 1.0, dropout=1.0)
+    with pytest.raises(TypeError, match="scaling"):
+        peft_ops.lora_linear(x, W, A, B, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="lora_A: on meta"):
+        peft_ops.lora_linear(x, W, A.to("meta"), B, 1.0)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 3, 8)
+    y = peft_ops.lora_linear(x, torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2), 1.0,
+                             bias=torch.ones(6))
+    assert y.shape == (0, 3, 6)
