@@ -1,7 +1,6 @@
 """Model surgery: add adapters (`add_lora`), make a PEFT model run the fused op (`from_peft`), and
 merge / unmerge adapters (`merge_adapters`, `unmerge_adapters`)."""
 
-import contextlib
 import logging
 import re
 import warnings
@@ -9,12 +8,11 @@ import warnings
 import torch
 from torch import nn
 
-from .functional import lora_linear
 from .modules import (
     LoraLinear,
     NF4Linear,
-    base_weight_nk,
     bnb_nf4_unsupported_reason,
+    fused_lora_linear,
     is_bnb_linear4bit,
     is_conv1d,
 )
@@ -288,23 +286,11 @@ class FusedLoraForward:
             if reason:
                 _warn_once(f"peft_ops: falling back to PEFT's unfused LoRA forward: {reason}")
             return super().forward(x, *args, **kwargs)
-        base = self.get_base_layer()
         magnitude = self.lora_magnitude_vector[adapter].weight if adapter in self.lora_variant else None
         dropout = self.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        device_type = x.device.type
-        out_dtype = x.dtype
-        autocast = torch.is_autocast_enabled(device_type)
-        if autocast:
-            # Under autocast PEFT's linears compute in the autocast dtype; so do we, in one call.
-            x = x.to(torch.get_autocast_dtype(device_type))
-        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            y = lora_linear(x, base_weight_nk(base), self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                            self.scaling[adapter], bias=base.bias, magnitude=magnitude, dropout=p,
-                            training=self.training)
-        if autocast and is_bnb_linear4bit(base):
-            y = y.to(out_dtype)  # bitsandbytes casts its output back to the input dtype
-        return y
+        return fused_lora_linear(x, self.get_base_layer(), self.lora_A[adapter].weight,
+                                 self.lora_B[adapter].weight, self.scaling[adapter], magnitude, p, self.training)
 
     def _peft_ops_route(self, x, args, kwargs):
         """(adapter, None) for the fused path; (None, reason) for PEFT's path, reason "" when that
@@ -328,6 +314,8 @@ class FusedLoraForward:
             return None, "input dtype casting disabled"
         if not isinstance(x, torch.Tensor):
             return None, f"input of type {type(x).__name__}"
+        if self.lora_A[adapter].weight.device != x.device:
+            return None, "adapter weights on another device than the input (offloading)"
         return adapter, None
 
 

@@ -104,6 +104,26 @@ def base_weight_nk(base):
     return base.weight
 
 
+def fused_lora_linear(x, base, lora_A, lora_B, scaling, magnitude, dropout, training):
+    """`lora_linear` over `base`, honouring autocast the way the unfused layers would.
+
+    Under autocast, `nn.Linear` computes in the autocast dtype; so does one fused call (a dense
+    weight is cast like autocast casts it). bitsandbytes returns its input's dtype instead.
+    """
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return lora_linear(x, base_weight_nk(base), lora_A, lora_B, scaling, bias=base.bias,
+                           magnitude=magnitude, dropout=dropout, training=training)
+    dtype = torch.get_autocast_dtype(device_type)
+    weight = base_weight_nk(base)
+    if isinstance(weight, torch.Tensor):
+        weight = weight.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        y = lora_linear(x.to(dtype), weight, lora_A, lora_B, scaling, bias=base.bias, magnitude=magnitude,
+                        dropout=dropout, training=training)
+    return y.to(x.dtype) if is_bnb_linear4bit(base) else y
+
+
 # --- NF4Linear -----------------------------------------------------------------------------------
 
 class NF4Linear(nn.Module):
@@ -333,9 +353,8 @@ class LoraLinear(nn.Module):
     def forward(self, x):
         if self.merged:
             return self.base_layer(x)
-        return lora_linear(x, base_weight_nk(self.base_layer), self.lora_A, self.lora_B, self.scaling,
-                           bias=self.base_layer.bias, magnitude=self.lora_magnitude_vector,
-                           dropout=self.lora_dropout, training=self.training)
+        return fused_lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling,
+                                 self.lora_magnitude_vector, self.lora_dropout, self.training)
 
     # --- merge / unmerge ---
 

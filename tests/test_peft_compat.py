@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import peft_ops
+import peft_ops.modules
 from peft_ops.convert import FusedLoraForward
 
 peft = pytest.importorskip("peft", reason="PEFT is the library under comparison")
@@ -103,7 +104,7 @@ def fused_layers(model):
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["dense", "bnb4bit"])
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_from_peft_same_logits_and_adapter_grads(use_dora, quantize):
+def test_from_peft_same_logits_and_adapter_grads(use_dora, quantize, monkeypatch):
     theirs = peft_llama(use_dora, quantize=quantize)
     ours = peft_llama(use_dora, quantize=quantize)
     params_before = dict(ours.named_parameters())
@@ -116,7 +117,11 @@ def test_from_peft_same_logits_and_adapter_grads(use_dora, quantize):
     assert params_after.keys() == params_before.keys()
     assert all(params_after[n] is p for n, p in params_before.items())  # same Parameter objects
     assert {n: p.requires_grad for n, p in params_after.items()} == flags_before
+    calls = []
+    real = peft_ops.modules.lora_linear
+    monkeypatch.setattr(peft_ops.modules, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     grads = assert_same_numbers(ours, theirs)
+    assert len(calls) == 2 * len(LINEARS)  # every layer ran the fused op, none fell back
     kinds = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if use_dora else set())
     assert {n.split(".")[-3] for n in grads} == kinds
     assert all(g.abs().max() > 0 for g in grads.values())
@@ -319,3 +324,37 @@ def test_deepcopy_and_pickle_of_converted_model(tmp_path):
     ids, _ = batch()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["dense", "bnb4bit"])
+def test_autocast_matches_peft_dtype_and_values(quantize):
+    """Trainer(bf16=True) runs the model under autocast: output dtypes must be PEFT's."""
+    theirs = peft_llama(use_dora=False, quantize=quantize, target_modules=["q_proj"])
+    ours = peft_ops.from_peft(peft_llama(use_dora=False, quantize=quantize, target_modules=["q_proj"]))
+    layer = "base_model.model.model.layers.0.self_attn.q_proj"
+    x = torch.randn(BATCH, SEQ, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = ours.get_submodule(layer)(x), theirs.get_submodule(layer)(x)
+    assert got.dtype == expected.dtype  # bf16 for nn.Linear, the input's fp32 for bitsandbytes
+    # PEFT runs both GEMMs in bf16 and rounds in between, we round once: a few bf16 ulps of |y|~1.
+    torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_dropout_in_training_only(use_dora):
+    theirs = peft_llama(use_dora, target_modules=["v_proj"], lora_dropout=0.3)
+    ours = peft_ops.from_peft(peft_llama(use_dora, target_modules=["v_proj"], lora_dropout=0.3))
+    ids, _ = batch()
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        eval_logits = ours(input_ids=ids).logits
+        torch.testing.assert_close(eval_logits, theirs(input_ids=ids).logits, **FP32_TOL)
+        ours.train()
+        torch.manual_seed(0)
+        first = ours(input_ids=ids).logits
+        torch.manual_seed(0)
+        again = ours(input_ids=ids).logits
+        other = ours(input_ids=ids).logits
+    assert not torch.allclose(first, eval_logits)  # the dropout is applied ...
+    torch.testing.assert_close(first, again)  # ... with masks drawn from torch's RNG (reproducible)
+    assert not torch.allclose(first, other)
