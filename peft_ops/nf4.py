@@ -341,10 +341,10 @@ class NF4Weight:
         if isinstance(packed, torch.Tensor) and packed.dtype != torch.uint8:
             packed = packed.contiguous().view(torch.uint8)
         if "nested_offset" not in meta and prefix + "weight.nested_absmax" not in state_dict:
-            return cls(packed, tensor("weight.absmax"), meta["shape"], dtype, meta["blocksize"])
+            return cls(packed, tensor("weight.absmax"), meta.get("shape"), dtype, meta.get("blocksize"))
         if meta.get("nested_dtype", "float32") != "float32":
             raise TypeError(f"nested_dtype must be 'float32', got {meta['nested_dtype']!r} in {blobs[0]}")
-        return cls(packed, tensor("weight.absmax"), meta["shape"], dtype, meta["blocksize"],
+        return cls(packed, tensor("weight.absmax"), meta.get("shape"), dtype, meta.get("blocksize"),
                    nested_absmax=tensor("weight.nested_absmax"),
                    nested_code=tensor("weight.nested_quant_map"),
                    offset=meta.get("nested_offset"),
