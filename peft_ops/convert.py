@@ -134,6 +134,9 @@ def add_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_dor
             raise ValueError(f"r for {name!r} must be a positive int, got {rank!r}")
         if is_bnb_linear4bit(module) and bnb_nf4_unsupported_reason(module):
             raise ValueError(f"{name}: {bnb_nf4_unsupported_reason(module)}")
+        if type(module).__module__.startswith("bitsandbytes") and not is_bnb_linear4bit(module):
+            raise ValueError(f"target_modules selects {name!r}, a bitsandbytes {type(module).__name__}: "
+                             "only NF4 Linear4bit bases are supported")
         plan.append((name, module, rank, alpha))
     if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")

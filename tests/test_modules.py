@@ -217,6 +217,11 @@ def test_add_lora_errors():
         peft_ops.add_lora(_tiny(), ["embed"])
     with pytest.raises(TypeError, match="target_modules"):
         peft_ops.add_lora(_tiny(), 3)
+    int8 = _tiny()
+    int8.blocks[1]["up"] = bnb.nn.Linear8bitLt(N, K)
+    with pytest.raises(ValueError, match=r"'blocks\.1\.up', a bitsandbytes Linear8bitLt"):
+        peft_ops.add_lora(int8, ["q_proj", "up"])
+    assert not any(isinstance(m, LoraLinear) for m in int8.modules())  # checked before any change
     model = peft_ops.add_lora(_tiny(), ["up"])
     with pytest.raises(ValueError, match="already has an adapter"):
         peft_ops.add_lora(model, ["up"])
@@ -379,3 +384,14 @@ def test_load_rejects_scaling_mismatch(tmp_path):
     target = peft_ops.add_lora(_tiny(), ["q_proj", "up"], r=4, lora_alpha=16)
     with pytest.raises(ValueError, match=r"module blocks\.0\.q_proj: .*lora_alpha=8"):
         peft_ops.load_adapter(target, tmp_path)
+
+
+def test_from_peft_and_merge_argument_errors():
+    with pytest.raises(ValueError, match="no PEFT LoRA layer"):
+        peft_ops.from_peft(_tiny())
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        peft_ops.from_peft("model")
+    with pytest.raises(ValueError, match="no peft_ops LoraLinear"):
+        peft_ops.merge_adapters(_tiny())
+    with pytest.raises(ValueError, match="no peft_ops LoraLinear"):
+        peft_ops.save_adapter(_tiny(), "unused")
