@@ -48,7 +48,8 @@ def build_config(argv=None) -> Config:
     budget = a.budget_s if a.budget_s is not None else (540.0 if cuda and "gpu" in named else float("inf"))
     cfg = Config(device=a.device, cases=cases, providers=a.providers,
                  out_dir=a.out or default_out_dir(a.device), budget_s=budget,
-                 cpu_rounds=a.rounds or (7 if a.quick else 15), cpu_case_budget_s=3.0 if a.quick else 15.0,
+                 cpu_rounds=a.rounds or (7 if a.quick else 15), cpu_warmup=0 if a.quick else 2,
+                 cpu_case_budget_s=2.5 if a.quick else 15.0,
                  gpu_warmup_ms=10 if a.quick else 25, gpu_rep_ms=40 if a.quick else 60,
                  memory_table=not a.no_memory, plots=not a.no_plots)
     cfg.list_only = a.list

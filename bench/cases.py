@@ -45,12 +45,13 @@ class Case:
         return self.mode in ("forward", "forward+backward")
 
     def key(self):
-        return (self.op, self.mode, self.M, self.N, self.K, self.r)
+        return (self.op, self.mode, self.M, self.N, self.K, self.r, self.dropout)
 
     def label(self) -> str:
         if self.op == "nf4_dequantize":
             return f"{self.op} N={self.N} K={self.K}"
-        return f"{self.op} {self.mode} M={self.M} N={self.N} K={self.K} r={self.r}"
+        p = f" p={self.dropout:g}" if self.dropout else ""
+        return f"{self.op} {self.mode} M={self.M} N={self.N} K={self.K} r={self.r}{p}"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -109,6 +110,11 @@ def _training_and_decode(op, K, N, Ms, r, decode_Ms, modes):
     return out
 
 
+def _with_dropout(op, K, N, M, r, modes, p=0.05):
+    """QLoRA forward+backward with dropout: generating the mask is part of the real cost."""
+    return [Case(op, "forward+backward", M, N, K, r, dropout=p)] if "forward+backward" in modes else []
+
+
 def shape_set(name: str, ops, modes):
     """Cases for a named shape set, most important first (QLoRA training before the rest), so a run
     cut short by its time budget still has the headline numbers."""
@@ -129,6 +135,7 @@ def shape_set(name: str, ops, modes):
                 cases += _training_and_decode(op, K, N, Ms, 16, (1, 16), modes)
                 # rank 64 at one training size: the LoRA path is a small share of the work
                 cases += _training_and_decode(op, K, N, (4096,), 64, (), modes)
+                cases += _with_dropout(op, K, N, 4096, 16, modes)
         elif name == "gpu-quick":
             for K, N in ((4096, 4096),) if quant else ():
                 cases += _training_and_decode(op, K, N, (4096,), 16, (16,), modes)
@@ -138,10 +145,12 @@ def shape_set(name: str, ops, modes):
                 cases += _training_and_decode(op, K, N, (256,), 16, (1, 16), modes)
             if quant:
                 cases += _training_and_decode(op, 1024, 1024, (256,), 64, (), modes)
+                cases += _with_dropout(op, 1024, 1024, 256, 16, modes)
         elif name == "cpu-quick":
             # the canonical config at M = 256 (the CPU target) and one decode size
             if op == "qlora":
-                cases += _training_and_decode(op, 1024, 1024, (256,), 16, (16,), modes)
+                cases += _training_and_decode(op, 1024, 1024, (256,), 16, (16,),
+                                              [m for m in modes if m != "forward"])
             elif op == "qdora":
                 cases += _training_and_decode(op, 1024, 1024, (256,), 16, (),
                                               [m for m in modes if m == "forward+backward"])

@@ -235,10 +235,10 @@ def summarize(cfg: Config, report: Report) -> str:
     tm = {}
     for r in rows:
         if r["metric"] == "time":
-            tm[(r["op"], r["mode"], r["M"], r["N"], r["K"], r["r"], r["provider"])] = float(r["p50"])
-    ratios = {(r["op"], r["mode"], r["M"], r["N"], r["K"], r["r"], r["metric"][len("ratio_vs_"):]): r
+            tm[(r["op"], r["mode"], r["M"], r["N"], r["K"], r["r"], r["dropout"], r["provider"])] = float(r["p50"])
+    ratios = {(r["op"], r["mode"], r["M"], r["N"], r["K"], r["r"], r["dropout"], r["metric"][len("ratio_vs_"):]): r
               for r in rows if r["metric"].startswith("ratio_vs_")}
-    cases = list(dict.fromkeys(k[:6] for k in tm))
+    cases = list(dict.fromkeys(k[:7] for k in tm))
     others = [p for p in cfg.providers if p != OURS]
     base = [p for p in cfg.providers if PROVIDERS[p].baseline]
     lines.append(f"\nTime, median ms; ratio = time({OURS}) / time(baseline), lower is better "
@@ -246,8 +246,9 @@ def summarize(cfg: Config, report: Report) -> str:
     head = f"{'case':<52} {OURS:>10}" + "".join(f" {p:>22}" for p in others)
     lines.append(head)
     for k in cases:
-        op, mode, M, N, K, r = k
+        op, mode, M, N, K, r, p = k
         label = f"{op} {mode}" + (f" M={M} N={N} K={K} r={r}" if op != "nf4_dequantize" else f" N={N} K={K}")
+        label += f" p={p:g}" if p else ""
         ours = tm.get(k + (OURS,))
         cells = [f"{label:<52} {('%.3f' % ours) if ours else '-':>10}"]
         for p in others:
@@ -259,7 +260,7 @@ def summarize(cfg: Config, report: Report) -> str:
 
     if not cfg.device.startswith("cuda"):
         t = CPU_TARGET
-        key = (t["op"], t["mode"], str(t["M"]), str(t["N"]), str(t["K"]), str(t["r"]), t["baseline"])
+        key = (t["op"], t["mode"], t["M"], t["N"], t["K"], t["r"], 0.0, t["baseline"])
         rr = ratios.get(key)
         lines.append("")
         if rr is None:

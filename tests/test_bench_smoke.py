@@ -35,7 +35,7 @@ def test_tiny_suite_writes_the_long_format_csv(tmp_path):
     expect = ["peft_ops", "torch", "reference", "dequant_addmm"] + (["peft_bnb"] if HAVE_PEFT_BNB else [])
     for case in cases:
         got = {(r["provider"], r["metric"]) for r in rows
-               if (r["op"], r["mode"], int(r["M"]), int(r["N"]), int(r["K"]), int(r["r"])) == case.key()}
+               if (r["op"], r["mode"], int(r["M"]), int(r["N"]), int(r["K"]), int(r["r"]), float(r["dropout"])) == case.key()}
         for p in expect:
             assert (p, "time") in got and (p, "tflops") in got and (p, "gbps") in got, (case, p)
             assert ((p, "saved_bytes") in got) == case.trains, (case, p)
