@@ -64,11 +64,11 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
-                      xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling,
+                      xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling, inv_keep,
                       mn_ptr, bias_ptr, y_ptr, stride_ym, z_ptr, stride_zm, R,
                       DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
                       SAVE_Z: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc = x Wᵀ (and acc_d = xd Wᵀ) for one [BLOCK_M, BLOCK_N] tile -> y (and z)."""
+    """acc = x Wᵀ (and acc_d = (keep ⊙ x) Wᵀ) for one [BLOCK_M, BLOCK_N] tile -> y (and z)."""
     mask_m = offs_m < M
     mask_n = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
@@ -80,6 +80,7 @@ def _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
     if DORA:
         mn = tl.load(mn_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         if SECOND:
+            acc_d = acc_d * inv_keep
             z = acc_d + lora
             y = acc + (mn - 1.0) * acc_d + mn * lora
         else:
@@ -109,7 +110,7 @@ def _lora_shrink_kernel(
     DROPOUT: tl.constexpr, WRITE_XD: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[split] = drop(x)[:, split's K range] · A[:, same]ᵀ  in fp32; optionally writes drop(x)."""
+    """out[split] = drop(x)[:, split's K range] · A[:, same]ᵀ  in fp32; optionally writes keep ⊙ x."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,10 +126,12 @@ def _lora_shrink_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
         x = x.to(tl.float32)
         if DROPOUT:
-            x = x * dropout_scale(seed, offs_m[:, None] * K + offs_k[None, :], p, inv_keep)
+            d = dropout_scale(seed, offs_m[:, None] * K + offs_k[None, :], p, inv_keep)
             if WRITE_XD:
+                # keep ⊙ x, exact in x's dtype; the 1/(1-p) goes on the fp32 GEMM result.
                 tl.store(xd_ptr + offs_m[:, None] * stride_xdm + offs_k[None, :],
-                         x.to(xd_ptr.dtype.element_ty), mask=mask)
+                         tl.where(d > 0, x, 0.0).to(xd_ptr.dtype.element_ty), mask=mask)
+            x = x * d
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         acc += tl.dot(x, tl.trans(a), input_precision="ieee")
@@ -142,7 +145,7 @@ def _fused_linear_kernel(
     # NF4 statistics (unused for a dense weight)
     packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
     # epilogue operands
-    xa_ptr, b_ptr, mn_ptr, bias_ptr, scaling,
+    xa_ptr, b_ptr, mn_ptr, bias_ptr, scaling, inv_keep,
     # outputs: y and z, or fp32 partial sums of x Wᵀ / xd Wᵀ when split over K
     y_ptr, z_ptr, part_ptr, part_d_ptr,
     M, N, K, R,
@@ -184,7 +187,7 @@ def _fused_linear_kernel(
 
     if SPLIT_K == 1:
         _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
-                          xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling,
+                          xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling, inv_keep,
                           mn_ptr, bias_ptr, y_ptr, stride_ym, z_ptr, stride_ym, R,
                           DORA, SECOND, HAS_BIAS, SAVE_Z, BLOCK_R)
     else:
@@ -198,7 +201,7 @@ def _fused_linear_kernel(
 @triton.jit
 def _split_k_epilogue_kernel(
     part_ptr, part_d_ptr,
-    xa_ptr, b_ptr, mn_ptr, bias_ptr, scaling, y_ptr, z_ptr,
+    xa_ptr, b_ptr, mn_ptr, bias_ptr, scaling, inv_keep, y_ptr, z_ptr,
     M, N, R, stride_xam, stride_bn, stride_br, stride_ym, stride_ps,
     DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -215,7 +218,7 @@ def _split_k_epilogue_kernel(
         if SECOND:
             acc_d += tl.load(part_d_ptr + s * stride_ps + tile, mask=mask, other=0.0)
     _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
-                      xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling,
+                      xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling, inv_keep,
                       mn_ptr, bias_ptr, y_ptr, stride_ym, z_ptr, stride_ym, R,
                       DORA, SECOND, HAS_BIAS, SAVE_Z, BLOCK_R)
 
@@ -380,7 +383,7 @@ def _launch_opts(cfg):
 
 def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
     """drop(x) · aᵀ as fp32 [M, r]; `a` is [r, K] with any strides. With `write_xd`, also returns
-    drop(x) in x's dtype (forward of DoRA with dropout needs it once, as a GEMM operand)."""
+    keep ⊙ x in x's dtype, exact (forward of DoRA with dropout needs it once, as a GEMM operand)."""
     M, K = x.shape
     R = a.shape[0]
     BLOCK_R = _pow2(R)
@@ -406,12 +409,12 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
     return xa
 
 
-def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None, save_z=False,
-                 split_k=None):
+def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None, inv_keep=1.0,
+                 save_z=False, split_k=None):
     """y (and z when `save_z`) of the fused forward; see the module docstring for the modes.
 
     x [M, K]; weight dense [N, K] or NF4Weight; xa [M, r] fp32; lora_B [N, r]; mn [N] fp32 for DoRA;
-    xd [M, K] (contiguous rows) for DoRA with dropout.
+    for DoRA with dropout xd = keep ⊙ x [M, K] (contiguous rows) and inv_keep = 1/(1-p).
     """
     M, K = x.shape
     N, R = lora_B.shape
@@ -435,7 +438,7 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
     _fused_linear_kernel[grid](
         x, xd if second else x, wa["w"], *wa["stats"],
-        xa, lora_B, mn if mn is not None else xa, bias if bias is not None else xa, scaling,
+        xa, lora_B, mn if mn is not None else xa, bias if bias is not None else xa, scaling, inv_keep,
         y, z, part, part_d,
         M, N, K, R,
         x.stride(0), x.stride(1), xd.stride(0) if second else 0, wa["stride_wn"], wa["stride_wk"],
@@ -450,7 +453,7 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
         EM, EN = 32, 64
         _split_k_epilogue_kernel[(triton.cdiv(M, EM), triton.cdiv(N, EN))](
             part, part_d, xa, lora_B, mn if mn is not None else xa, bias if bias is not None else xa,
-            scaling, y, z, M, N, R, xa.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0),
+            scaling, inv_keep, y, z, M, N, R, xa.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0),
             part.stride(0), **flags, SPLIT_K=split_k, BLOCK_M=EM, BLOCK_N=EN, BLOCK_R=BLOCK_R,
             enable_fp_fusion=False,
         )

@@ -80,11 +80,11 @@ class DoraLinearFunction(torch.autograd.Function):
         mn = magnitude.float() / norm                                               # m/n
         save_z = ctx.needs_input_grad[3]
         if p:
-            xa, xd = ops.lora_shrink(x, lora_A, dropout=p, seed=seed, write_xd=True)  # drop(x) Aᵀ, drop(x)
+            xa, xd = ops.lora_shrink(x, lora_A, dropout=p, seed=seed, write_xd=True)  # drop(x) Aᵀ, keep⊙x
         else:
             xa, xd = ops.lora_shrink(x, lora_A), None                                 # x Aᵀ
         out = ops.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn, xd=xd,
-                               save_z=save_z)                                       # y (and z)
+                               inv_keep=1.0 / (1.0 - p), save_z=save_z)              # y (and z)
         y, z = out if save_z else (out, None)
         ctx.save_for_backward(x, xa, lora_A, lora_B, magnitude, norm, z, *weight_tensors)
         ctx.scaling, ctx.p, ctx.seed, ctx.spec = scaling, p, seed, spec

@@ -2,8 +2,9 @@
 
 Execution rule (SPEC §1): CUDA tensors run the Triton kernels; CPU tensors run the twin here,
 unless TRITON_INTERPRET=1, in which case they run the Triton kernels in Triton's interpreter.
-The twins compute the same math in the same precision (fp32 accumulation, the weight rounded to
-the activation dtype, rank-sized products in fp32) and draw the same dropout masks, so the
+The twins compute the same math in the same precision (fp32 products and accumulation, the weight
+rounded to the activation dtype first; fp32 GEMMs are also the fastest on CPUs without bf16
+units) and draw the same dropout masks, so the
 autograd Functions above them are backend-agnostic.
 """
 
@@ -81,22 +82,27 @@ def dense_weight(weight, dtype):
 
 
 def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False):
-    """xa = drop(x) aᵀ as fp32 [M, r]; with `write_xd` also drop(x) in x's dtype."""
+    """xa = drop(x) aᵀ as fp32 [M, r]; with `write_xd` also keep ⊙ x (exact, x's dtype)."""
     if use_triton(x):
         return _lora.lora_shrink(x, a, dropout=dropout, seed=seed, write_xd=write_xd)
     xf = x.float()
     if dropout:
-        xf = xf * dropout_scale(seed, x.shape, dropout, x.device)
+        d = dropout_scale(seed, x.shape, dropout, x.device)
+        xk = torch.where(d > 0, x, torch.zeros((), dtype=x.dtype))
+        xf = xf * d
     xa = xf @ a.float().t()
-    return (xa, xf.to(x.dtype)) if write_xd else xa
+    return (xa, xk) if write_xd else xa
 
 
-def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None, save_z=False):
-    """Forward GEMM with epilogue; returns y, or (y, z) with `save_z` (DoRA's pre-scale output)."""
+def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None, inv_keep=1.0,
+                 save_z=False):
+    """Forward GEMM with epilogue; returns y, or (y, z) with `save_z` (DoRA's pre-scale output).
+    For DoRA with dropout, xd = keep ⊙ x and inv_keep = 1/(1-p)."""
     if use_triton(x):
-        return _lora.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn, xd=xd, save_z=save_z)
-    w = dense_weight(weight, x.dtype)
-    acc = F.linear(x, w).float()
+        return _lora.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn, xd=xd,
+                                  inv_keep=inv_keep, save_z=save_z)
+    w = dense_weight(weight, x.dtype).float()
+    acc = F.linear(x.float(), w)
     lora = (xa @ lora_B.float().t()) * scaling
     if mn is None:
         y = acc + lora
@@ -104,7 +110,7 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
         z = acc + lora
         y = mn * z
     else:
-        acc_d = F.linear(xd, w).float()
+        acc_d = F.linear(xd.float(), w) * inv_keep
         z = acc_d + lora
         y = acc + (mn - 1.0) * acc_d + mn * lora
     if bias is not None:
@@ -121,12 +127,12 @@ def fused_linear_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_s
         return _lora.fused_linear_dx(dy, weight, gb, lora_A, scaling, col_scale=col_scale,
                                      second_scale=second_scale, dropout=dropout, seed=seed,
                                      out_dtype=out_dtype)
-    w = dense_weight(weight, out_dtype)
-    g = dy if col_scale is None else (dy.float() * col_scale).to(out_dtype)
-    acc = (g.to(out_dtype) @ w).float()
+    w = dense_weight(weight, out_dtype).float()
+    g = dy.float() if col_scale is None else dy.float() * col_scale
+    acc = g @ w
     inner = (gb @ lora_A.float()) * scaling
     if second_scale is not None:
-        inner = inner + ((dy.float() * second_scale).to(out_dtype) @ w).float()
+        inner = inner + (dy.float() * second_scale) @ w
     if dropout:
         M, K = dy.shape[0], lora_A.shape[1]
         inner = inner * dropout_scale(seed, (M, K), dropout, dy.device)

@@ -87,11 +87,41 @@ def run_case(*, lead, N, K, r, dtype, adapter_dtype, nf4, dora, bias, p, noncont
     scale = ops.dropout_scale(1234, (M, K), p, "cpu").reshape(x.shape) if p else None
     y_ref = reference.lora_linear(x, weight, A, B, scaling, bias=b, magnitude=m, dropout_scale=scale)
     y_ref.backward(dy)
-    assert_close(y, y_ref, TOL[dtype], "y")
+    # DoRA's row norm is computed in fp32 and loses κ·2⁻²⁴ relative to cancellation in W + s·B A
+    # (κ = ‖|W| + s|B||A|‖ / ‖W + s·B A‖ per row), as PEFT's does; everything scaled by m/n inherits it.
+    extra = 16 * 2.0**-24 * norm_condition(weight, A, B, scaling) if dora else 0.0
+    assert_close(y, y_ref, TOL[dtype] + extra, "y")
     for name, t, g in zip(names, leaves, grads):
+        if name == "m":
+            assert_magnitude_grad_close(g, t.grad, x, weight, A, B, scaling, scale, dy, dtype, extra)
+            continue
         tol = TOL[dtype] if name in ("x", "bias") else ADAPTER_TOL[dtype]
-        assert_close(g, t.grad, tol, f"d{name}")
+        assert_close(g, t.grad, tol + (extra if name != "bias" else 0.0), f"d{name}")
     return y
+
+
+def norm_condition(weight, A, B, scaling):
+    c = torch.float64
+    w = reference.dense_weight(weight, c)
+    n = reference.dora_row_norm(weight, A, B, scaling).clamp_min(reference.DORA_EPS)
+    absolute = torch.linalg.vector_norm(w.abs() + scaling * (B.detach().to(c).abs() @ A.detach().to(c).abs()), dim=1)
+    return (absolute / n).max().item()
+
+
+def assert_magnitude_grad_close(dm, dm_ref, x, weight, A, B, scaling, scale, dy, dtype, extra):
+    """dm_j = Σ_i dy_ij z_ij / n_j is formed from z saved in the activation dtype (the memory
+    budget has no room for fp32 z), so each term carries z's rounding: the error bound is
+    u · Σ_i |dy_ij z_ij| / n_j, which cancellation in the sum can make far larger than |dm_j|."""
+    assert dm.dtype == dm_ref.dtype and torch.isfinite(dm).all()
+    c = torch.float64
+    xd = x.detach().to(c) if scale is None else x.detach().to(c) * scale.to(c)
+    w = reference.dense_weight(weight, c, decode_dtype=dtype)
+    z = reference.lora_linear(xd, w, A.detach().to(c), B.detach().to(c), scaling)
+    n = reference.dora_row_norm(weight, A, B, scaling).clamp_min(reference.DORA_EPS)
+    bound = (dy.to(c).abs() * z.abs()).reshape(-1, z.shape[-1]).sum(0) / n
+    err = (dm.to(c) - dm_ref.to(c)).abs()
+    assert (err <= (TOL[dtype] + extra) * bound + 1e-6 * dm_ref.abs().max().to(c)).all(), \
+        f"dm: errors {err.tolist()} exceed {TOL[dtype]} × {bound.tolist()}"
 
 
 dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
@@ -215,12 +245,12 @@ def test_split_k_paths_match_single_pass(dora):
     x = torch.randn(3, 200, generator=gen)
     A, B = torch.randn(5, 200, generator=gen), torch.randn(48, 5, generator=gen)
     mn = torch.rand(48, generator=gen) if dora else None
-    xd = x * 2 if dora else None
+    xd = torch.where(x > 0, x, 0.0) if dora else None
     xa1 = klora.lora_shrink(x, A, split_k=1)
     xa3 = klora.lora_shrink(x, A, split_k=3)
     torch.testing.assert_close(xa3, xa1, rtol=1e-6, atol=1e-6)
-    one = klora.fused_linear(x, W, xa1, B, 0.5, mn=mn, xd=xd, save_z=dora, split_k=1)
-    three = klora.fused_linear(x, W, xa1, B, 0.5, mn=mn, xd=xd, save_z=dora, split_k=3)
+    one = klora.fused_linear(x, W, xa1, B, 0.5, mn=mn, xd=xd, inv_keep=2.0, save_z=dora, split_k=1)
+    three = klora.fused_linear(x, W, xa1, B, 0.5, mn=mn, xd=xd, inv_keep=2.0, save_z=dora, split_k=3)
     for a, c in zip(one if dora else [one], three if dora else [three]):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
     r1 = klora.outer_reduce(x, B[:3], split_m=1)

@@ -21,7 +21,9 @@ def dense_weight(weight, dtype, decode_dtype=None):
     original dtype."""
     if isinstance(weight, torch.Tensor):
         return weight.to(dtype)
-    return weight.dequantize(decode_dtype or weight.dtype).to(dtype)
+    from .nf4 import nf4_dequantize
+
+    return nf4_dequantize(weight, decode_dtype or weight.dtype).to(device=weight.packed.device, dtype=dtype)
 
 
 def dora_row_norm(weight, lora_A, lora_B, scaling, compute_dtype=torch.float64):
