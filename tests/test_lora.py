@@ -1,9 +1,13 @@
 """Fused LoRA / DoRA linear (`peft_ops.lora_linear`) against the fp64 reference.
 
 Every test runs both backends the package has on CPU: the Triton kernels (in the interpreter,
-TRITON_INTERPRET=1 from conftest) and the plain-PyTorch twins. Tolerances are normwise: the
-largest error over the largest reference magnitude, see `TOL`.
+TRITON_INTERPRET=1 from conftest) and the plain-PyTorch twins. On a GPU machine run
+`TRITON_INTERPRET=0 PEFT_OPS_TEST_DEVICE=cuda pytest tests/test_lora.py` to put the same cases on
+the compiled kernels and real tensor cores. Tolerances are normwise: the largest error over the
+largest reference magnitude, see `TOL`.
 """
+
+import os
 
 import pytest
 import torch
@@ -23,6 +27,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # Adapter gradients are fp32 sums of products of inputs that are exact in the activation dtype;
 # with fp32 adapters they see only the rounding of dy/x they share with the reference.
 ADAPTER_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DEVICE = torch.device(os.environ.get("PEFT_OPS_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(params=["triton", "twin"])
@@ -31,7 +36,7 @@ def backend(request, monkeypatch):
     if request.param == "twin":
         monkeypatch.setattr(ops, "use_triton", lambda t: False)
     else:
-        assert _config.interpreting(), "tests/conftest.py sets TRITON_INTERPRET=1"
+        assert _config.interpreting() or DEVICE.type == "cuda", "tests/conftest.py sets TRITON_INTERPRET=1"
     return request.param
 
 
@@ -45,10 +50,10 @@ def assert_close(actual, expected, tol, what):
 
 
 def make_weight(N, K, dtype, nf4, blocksize=64, gen=None):
-    w = torch.randn(N, K, generator=gen) / K**0.5
+    w = (torch.randn(N, K, generator=gen) / K**0.5).to(DEVICE, dtype)
     if nf4:
-        return peft_ops.NF4Weight.quantize(w.to(dtype), blocksize=blocksize, double_quant=True)
-    return w.to(dtype)
+        return peft_ops.NF4Weight.quantize(w, blocksize=blocksize, double_quant=True)
+    return w
 
 
 def run_case(*, lead, N, K, r, dtype, adapter_dtype, nf4, dora, bias, p, noncontig=False,
@@ -57,17 +62,17 @@ def run_case(*, lead, N, K, r, dtype, adapter_dtype, nf4, dora, bias, p, noncont
     gen = torch.Generator().manual_seed(seed)
     weight = make_weight(N, K, dtype, nf4, blocksize, gen)
     if noncontig:   # x as a transposed view: last dim has stride != 1
-        x = torch.randn(*lead[:-1], K, lead[-1], generator=gen).to(dtype).transpose(-1, -2)
+        x = torch.randn(*lead[:-1], K, lead[-1], generator=gen).to(DEVICE, dtype).transpose(-1, -2)
     else:
-        x = torch.randn(*lead, K, generator=gen).to(dtype)
+        x = torch.randn(*lead, K, generator=gen).to(DEVICE, dtype)
     x.requires_grad_()
-    A = (torch.randn(r, K, generator=gen) / K**0.5).to(adapter_dtype).requires_grad_()
-    B = torch.randn(N, r, generator=gen).to(adapter_dtype).requires_grad_()
-    b = torch.randn(N, generator=gen).to(dtype).requires_grad_() if bias else None
+    A = (torch.randn(r, K, generator=gen) / K**0.5).to(DEVICE, adapter_dtype).requires_grad_()
+    B = torch.randn(N, r, generator=gen).to(DEVICE, adapter_dtype).requires_grad_()
+    b = torch.randn(N, generator=gen).to(DEVICE, dtype).requires_grad_() if bias else None
     m = None
     if dora:
         m = magnitude if magnitude is not None else torch.rand(N, generator=gen) + 0.5
-        m = m.clone().requires_grad_()
+        m = m.to(DEVICE).clone().requires_grad_()
     leaves = [t for t in (x, A, B, m, b) if t is not None]
     names = [n for n, t in zip("x A B m bias".split(), (x, A, B, m, b)) if t is not None]
 
@@ -77,14 +82,14 @@ def run_case(*, lead, N, K, r, dtype, adapter_dtype, nf4, dora, bias, p, noncont
         y.float().sum().backward()
         dy = torch.ones_like(y)
     else:
-        dy = torch.randn(y.shape, generator=gen).to(dtype)
+        dy = torch.randn(y.shape, generator=gen).to(DEVICE, dtype)
         y.backward(dy)
     grads = [t.grad.clone() for t in leaves]
     for t in leaves:
         t.grad = None
 
     M = x.numel() // K
-    scale = ops.dropout_scale(1234, (M, K), p, "cpu").reshape(x.shape) if p else None
+    scale = ops.dropout_scale(1234, (M, K), p, DEVICE).reshape(x.shape) if p else None
     y_ref = reference.lora_linear(x, weight, A, B, scaling, bias=b, magnitude=m, dropout_scale=scale)
     y_ref.backward(dy)
     # DoRA's row norm is computed in fp32 and loses κ·2⁻²⁴ relative to cancellation in W + s·B A
