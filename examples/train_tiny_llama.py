@@ -117,7 +117,7 @@ def plot(loss_rows, path):
         for variant in sorted({r[0] for r in loss_rows if r[0].endswith(kind)}):
             pts = [(s, l) for v, s, l in loss_rows if v == variant]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=variant, lw=1)
-        ax.set_title(kind.replace("q", "Q", 1).upper().replace("QLORA", "QLoRA").replace("QDORA", "QDoRA"))
+        ax.set_title({"qlora": "QLoRA", "qdora": "QDoRA"}[kind])
         ax.set_xlabel("step")
         ax.legend()
     axes[0].set_ylabel("training loss")
