@@ -1,7 +1,9 @@
 """`lora_linear`: the fused (Q)LoRA / (Q)DoRA linear as a differentiable function.
 
 Two autograd Functions, one per layer kind, each reading as the math of SPEC §3 with one line per
-kernel call (`peft_ops.ops` dispatches every call to Triton or to its PyTorch twin). What backward
+kernel call. Each call is a registered custom op (`peft_ops._library`, so torch.compile traces the
+Functions without graph breaks) running `peft_ops.ops`, which dispatches it to Triton or to its
+PyTorch twin. What backward
 needs goes through `ctx.save_for_backward`: x, xa = drop(x) Aᵀ (M×r, fp32), for DoRA the row norm
 (N floats) and, when the magnitude trains, z (M×N, DoRA's pre-scale output); the frozen weight is
 saved as the tensors it already is. Never a dropout mask (regenerated from a seed) and never a
@@ -12,110 +14,111 @@ import numbers
 
 import torch
 
-from . import ops
+from . import _library as lib
 from .reference.lora import DORA_EPS
 
-def _split_weight(weight):
-    """(tensors, spec): the weight's tensors, for ctx.save_for_backward, and the tensor-free
-    description that rebuilds it around them in backward (no tensor is kept on ctx)."""
-    if isinstance(weight, torch.Tensor):
-        return (weight,), None
-    fields = vars(weight)
-    names = tuple(k for k, v in fields.items() if isinstance(v, torch.Tensor))
-    meta = {k: v for k, v in fields.items() if k not in names}
-    return tuple(fields[k] for k in names), (type(weight), names, meta)
+
+def _save(ctx, seed, *tensors):
+    """ctx.save_for_backward(*tensors), plus the seed when it is a tensor (drawn under
+    torch.compile); an int seed stays a plain ctx attribute."""
+    if isinstance(seed, torch.Tensor):
+        ctx.save_for_backward(*tensors, seed)
+        ctx.seed = None
+    else:
+        ctx.save_for_backward(*tensors)
+        ctx.seed = seed
 
 
-def _join_weight(tensors, spec):
-    if spec is None:
-        return tensors[0]
-    cls, names, meta = spec
-    weight = cls.__new__(cls)   # no re-validation: these are the tensors forward was given
-    weight.__dict__.update(meta)
-    weight.__dict__.update(zip(names, tensors))
-    return weight
+def _saved(ctx):
+    """(saved tensors, seed operand) as `_save` stored them."""
+    saved = ctx.saved_tensors
+    if ctx.seed is None:
+        return saved[:-1], lib.seed_operand(saved[-1], ctx.p)
+    return saved, lib.seed_operand(ctx.seed, ctx.p)
 
 
 class LoraLinearFunction(torch.autograd.Function):
     """y = x Wᵀ + bias + s·(drop(x) Aᵀ) Bᵀ for x [M, K]."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, scaling, p, seed, spec, *weight_tensors):
-        weight = _join_weight(weight_tensors, spec)
-        xa = ops.lora_shrink(x, lora_A, dropout=p, seed=seed)                    # drop(x) Aᵀ
-        y = ops.fused_linear(x, weight, xa, lora_B, scaling, bias=bias)         # x Wᵀ + s·xa Bᵀ + b
-        ctx.save_for_backward(x, xa, lora_A, lora_B, *weight_tensors)
-        ctx.scaling, ctx.p, ctx.seed, ctx.spec = scaling, p, seed, spec
+    def forward(ctx, x, lora_A, lora_B, bias, scaling, p, seed, meta, offset, *weight_tensors):
+        weight = lib.WeightOperands(weight_tensors, meta, offset)
+        seed_t = lib.seed_operand(seed, p)
+        xa = lib.lora_shrink(x, lora_A, dropout=p, seed=seed_t)                   # drop(x) Aᵀ
+        y = lib.fused_linear(x, weight, xa, lora_B, scaling, bias=bias)           # x Wᵀ + s·xa Bᵀ + b
+        _save(ctx, seed, x, xa, lora_A, lora_B, *weight_tensors)
+        ctx.scaling, ctx.p, ctx.meta, ctx.offset = scaling, p, meta, offset
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, lora_A, lora_B, *weight_tensors = ctx.saved_tensors
-        weight = _join_weight(weight_tensors, ctx.spec)
-        s, p, seed = ctx.scaling, ctx.p, ctx.seed
+        (x, xa, lora_A, lora_B, *weight_tensors), seed = _saved(ctx)
+        weight = lib.WeightOperands(tuple(weight_tensors), ctx.meta, ctx.offset)
+        s, p = ctx.scaling, ctx.p
         need_x, need_A, need_B, need_bias = ctx.needs_input_grad[:4]
         dx = dA = dB = dbias = None
         if need_x or need_A:
-            gb = ops.lora_shrink(dy, lora_B.t())                                   # dy B
+            gb = lib.lora_shrink(dy, lora_B.t())                                   # dy B
         if need_x:
-            dx = ops.fused_linear_dx(dy, weight, gb, lora_A, s, dropout=p, seed=seed,
+            dx = lib.fused_linear_dx(dy, weight, gb, lora_A, s, dropout=p, seed=seed,
                                      out_dtype=x.dtype)                            # dy W + s·D⊙(gb A)
         if need_A:
-            dA = (s * ops.outer_reduce(gb, x, dropout=p, seed=seed)).to(lora_A.dtype)  # s·gbᵀ drop(x)
+            dA = (s * lib.outer_reduce(gb, x, dropout=p, seed=seed)).to(lora_A.dtype)  # s·gbᵀ drop(x)
         if need_B:
-            dB = (s * ops.outer_reduce(dy, xa)).to(lora_B.dtype)                  # s·dyᵀ xa
+            dB = (s * lib.outer_reduce(dy, xa)).to(lora_B.dtype)                  # s·dyᵀ xa
         if need_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return (dx, dA, dB, dbias, None, None, None, None) + (None,) * len(weight_tensors)
+        return (dx, dA, dB, dbias, None, None, None, None, None) + (None,) * len(weight_tensors)
 
 
 class DoraLinearFunction(torch.autograd.Function):
     """DoRA with PEFT's semantics; n = ‖W + s·B A‖ is a constant in backward (SPEC §3)."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, magnitude, bias, scaling, p, seed, spec, *weight_tensors):
-        weight = _join_weight(weight_tensors, spec)
-        norm = ops.row_norm(weight, lora_A, lora_B, scaling).clamp_min(DORA_EPS)  # n, one pass over W
+    def forward(ctx, x, lora_A, lora_B, magnitude, bias, scaling, p, seed, meta, offset, *weight_tensors):
+        weight = lib.WeightOperands(weight_tensors, meta, offset)
+        seed_t = lib.seed_operand(seed, p)
+        norm = lib.row_norm(weight, lora_A, lora_B, scaling).clamp_min(DORA_EPS)  # n, one pass over W
         mn = magnitude.float() / norm                                               # m/n
         save_z = ctx.needs_input_grad[3]
         if p:
-            xa, xd = ops.lora_shrink(x, lora_A, dropout=p, seed=seed, write_xd=True)  # drop(x) Aᵀ, keep⊙x
+            xa, xd = lib.lora_shrink(x, lora_A, dropout=p, seed=seed_t, write_xd=True)  # drop(x) Aᵀ, keep⊙x
         else:
-            xa, xd = ops.lora_shrink(x, lora_A), None                                 # x Aᵀ
-        out = ops.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn, xd=xd,
+            xa, xd = lib.lora_shrink(x, lora_A), None                                 # x Aᵀ
+        out = lib.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn, xd=xd,
                                inv_keep=1.0 / (1.0 - p), save_z=save_z)              # y (and z)
         y, z = out if save_z else (out, None)
-        ctx.save_for_backward(x, xa, lora_A, lora_B, magnitude, norm, z, *weight_tensors)
-        ctx.scaling, ctx.p, ctx.seed, ctx.spec = scaling, p, seed, spec
+        _save(ctx, seed, x, xa, lora_A, lora_B, magnitude, norm, z, *weight_tensors)
+        ctx.scaling, ctx.p, ctx.meta, ctx.offset = scaling, p, meta, offset
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, lora_A, lora_B, magnitude, norm, z, *weight_tensors = ctx.saved_tensors
-        weight = _join_weight(weight_tensors, ctx.spec)
-        s, p, seed = ctx.scaling, ctx.p, ctx.seed
+        (x, xa, lora_A, lora_B, magnitude, norm, z, *weight_tensors), seed = _saved(ctx)
+        weight = lib.WeightOperands(tuple(weight_tensors), ctx.meta, ctx.offset)
+        s, p = ctx.scaling, ctx.p
         need_x, need_A, need_B, need_m, need_bias = ctx.needs_input_grad[:5]
         mn = magnitude.float() / norm
         dx = dA = dB = dm = dbias = None
         if need_x or need_A:
-            gb = ops.lora_shrink(dy, (lora_B.float() * mn[:, None]).t())           # (dy⊙m/n) B
+            gb = lib.lora_shrink(dy, (lora_B.float() * mn[:, None]).t())           # (dy⊙m/n) B
         if need_x:
             if p:   # dx = dy W + D ⊙ (((m/n − 1)⊙dy) W + s·gb A)
-                dx = ops.fused_linear_dx(dy, weight, gb, lora_A, s, second_scale=mn - 1.0,
+                dx = lib.fused_linear_dx(dy, weight, gb, lora_A, s, second_scale=mn - 1.0,
                                          dropout=p, seed=seed, out_dtype=x.dtype)
             else:   # dx = (dy⊙m/n) W + s·gb A
-                dx = ops.fused_linear_dx(dy, weight, gb, lora_A, s, col_scale=mn, out_dtype=x.dtype)
+                dx = lib.fused_linear_dx(dy, weight, gb, lora_A, s, col_scale=mn, out_dtype=x.dtype)
         if need_A:
-            dA = (s * ops.outer_reduce(gb, x, dropout=p, seed=seed)).to(lora_A.dtype)  # s·gbᵀ drop(x)
+            dA = (s * lib.outer_reduce(gb, x, dropout=p, seed=seed)).to(lora_A.dtype)  # s·gbᵀ drop(x)
         if need_B:
-            dB = (s * mn[:, None] * ops.outer_reduce(dy, xa)).to(lora_B.dtype)      # s·(m/n)⊙dyᵀ xa
+            dB = (s * mn[:, None] * lib.outer_reduce(dy, xa)).to(lora_B.dtype)      # s·(m/n)⊙dyᵀ xa
         if need_m:
-            dm = (ops.column_dot(dy, z) / norm).to(magnitude.dtype)                 # Σ_i dy z / n
+            dm = (lib.column_dot(dy, z) / norm).to(magnitude.dtype)                 # Σ_i dy z / n
         if need_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return (dx, dA, dB, dm, dbias, None, None, None, None) + (None,) * len(weight_tensors)
+        return (dx, dA, dB, dm, dbias, None, None, None, None, None) + (None,) * len(weight_tensors)
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -170,6 +173,14 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout):
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
 
 
+def _draw_seed():
+    """A dropout seed from torch's default generator. Under torch.compile it stays a 0-d tensor
+    (read inside the ops; `.item()` would break the graph); eagerly it is an int, kept on ctx
+    rather than saved for backward."""
+    seed = torch.randint(0, 2**31 - 1, ())
+    return seed if torch.compiler.is_compiling() else int(seed.item())
+
+
 def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None, dropout=0.0,
                 training=False, seed=None):
     """Fused LoRA / DoRA linear layer with autograd.
@@ -187,8 +198,9 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
         scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
         bias: optional ``[N]``. magnitude: optional DoRA magnitude ``[N]``.
         dropout: LoRA-input dropout probability, applied only when ``training``.
-        seed: dropout seed; drawn from torch's default generator when None. The mask is a
-            function of (seed, element index) only: `peft_ops.ops.dropout_scale` reproduces it.
+        seed: dropout seed (an int, or a 0-d integer tensor); drawn from torch's default
+            generator when None. The mask is a function of (seed, element index) only:
+            `peft_ops.ops.dropout_scale` reproduces it.
 
     Returns:
         ``[..., N]`` in x's dtype. Gradients flow to x, lora_A, lora_B, magnitude and bias
@@ -197,18 +209,22 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
     _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout)
     N, K = weight.shape
     p = float(dropout) if training else 0.0
-    if p and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    seed = int(seed or 0)
+    if not p:
+        seed = 0
+    elif seed is None:
+        seed = _draw_seed()
+    elif not isinstance(seed, torch.Tensor):
+        seed = int(seed)
     x2 = x.reshape(-1, K)
     if x2.shape[0] == 0:
         return x.new_zeros(*x.shape[:-1], N) + (0 if bias is None else bias.to(x.dtype))
-    tensors, spec = _split_weight(weight)
+    tensors, meta, offset = lib.weight_operands(weight)
     if magnitude is None:
-        y = LoraLinearFunction.apply(x2, lora_A, lora_B, bias, float(scaling), p, seed, spec, *tensors)
-    else:
-        y = DoraLinearFunction.apply(x2, lora_A, lora_B, magnitude, bias, float(scaling), p, seed, spec,
+        y = LoraLinearFunction.apply(x2, lora_A, lora_B, bias, float(scaling), p, seed, meta, offset,
                                      *tensors)
+    else:
+        y = DoraLinearFunction.apply(x2, lora_A, lora_B, magnitude, bias, float(scaling), p, seed, meta,
+                                     offset, *tensors)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -217,4 +233,4 @@ def dora_row_norm(weight, lora_A, lora_B, scaling):
 
     Use it to initialise a DoRA magnitude (``m = dora_row_norm(W, A, B, s)``) or to merge."""
     with torch.no_grad():
-        return ops.row_norm(weight, lora_A, lora_B, float(scaling))
+        return lib.row_norm(lib.operands(weight), lora_A, lora_B, float(scaling))

@@ -1,0 +1,206 @@
+"""The fused ops as PyTorch custom operators (`torch.ops.peft_ops.*`), so torch.compile traces a
+model with our layers as one graph: dynamo sees each op as an opaque call with a fake (meta)
+implementation giving exact output shapes and dtypes, and the real call runs `peft_ops.ops`
+(Triton on CUDA or under TRITON_INTERPRET=1, the PyTorch twin on CPU).
+
+`torch.library.triton_op` would trace the Triton body instead, and then has no CPU twin under
+compile (SPEC §6), so the ops are `custom_op`s with one implementation for every device.
+
+Operands: a base weight enters as tensors plus plain numbers (`weight_operands`), never as the
+`NF4Weight` object; a dropout seed enters as a 0-d int64 tensor (or None without dropout), read
+inside the op, so drawing it costs the traced graph no `.item()`.
+"""
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --- the base weight as operands ----------------------------------------------------------------
+
+def weight_operands(weight):
+    """(tensors, meta, offset) for a dense [N, K] tensor or an NF4Weight.
+
+    tensors: (w, absmax, nested_absmax, nested_code, offset_tensor, code), the NF4 fields None for a
+    dense weight; meta: None (dense) or [N, K, blocksize, nested_blocksize, dtype index];
+    offset: the double-quantization offset as a float (0.0 without)."""
+    if isinstance(weight, Tensor):
+        return (weight, None, None, None, None, None), None, 0.0
+    N, K = weight.shape
+    tensors = (weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
+               weight.offset_tensor, weight.code)
+    meta = [N, K, weight.blocksize, weight.nested_blocksize, _DTYPES.index(weight.dtype)]
+    return tensors, meta, float(weight.offset or 0.0)
+
+
+def _weight(w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset):
+    """Inverse of `weight_operands`: the tensor, or an NF4Weight around these tensors."""
+    if meta is None:
+        return w
+    from .nf4 import NF4Weight
+
+    N, K, blocksize, nested_blocksize, dtype = meta
+    weight = NF4Weight.__new__(NF4Weight)   # no re-validation: the layer built these tensors
+    weight.__dict__.update(
+        packed=w.reshape(-1), absmax=absmax.reshape(-1), code=code, shape=torch.Size((N, K)),
+        dtype=_DTYPES[dtype], blocksize=blocksize, double_quant=nested_absmax is not None,
+        nested_blocksize=nested_blocksize, nested_absmax=nested_absmax, nested_code=nested_code,
+        offset=offset if nested_absmax is not None else None,
+        offset_tensor=offset_tensor if nested_absmax is not None else None)
+    return weight
+
+
+def _seed(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+# --- the ops ------------------------------------------------------------------------------------
+# Each returns fresh, contiguous tensors (what its fake says): inductor plans around the fake's
+# strides, and a custom op may not return an alias of an input.
+
+@torch.library.custom_op("peft_ops::lora_shrink", mutates_args=())
+def lora_shrink_op(x: Tensor, a: Tensor, dropout: float, seed: Optional[Tensor],
+                write_xd: bool) -> list[Tensor]:
+    """[drop(x) aᵀ (fp32 [M, r])] and, with `write_xd`, keep ⊙ x (x's dtype)."""
+    out = ops.lora_shrink(x, a, dropout=dropout, seed=_seed(seed), write_xd=write_xd)
+    return [t.contiguous() for t in (out if write_xd else (out,))]
+
+
+@lora_shrink_op.register_fake
+def _(x, a, dropout, seed, write_xd):
+    xa = x.new_empty((x.shape[0], a.shape[0]), dtype=torch.float32)
+    return [xa, x.new_empty(x.shape)] if write_xd else [xa]
+
+
+@torch.library.custom_op("peft_ops::fused_linear", mutates_args=())
+def fused_linear_op(x: Tensor, w: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
+                 nested_code: Optional[Tensor], offset_tensor: Optional[Tensor], code: Optional[Tensor],
+                 meta: Optional[Sequence[int]], offset: float,
+                 xa: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor], mn: Optional[Tensor],
+                 xd: Optional[Tensor], inv_keep: float, save_z: bool) -> list[Tensor]:
+    """[y] or [y, z] of `ops.fused_linear`."""
+    weight = _weight(w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset)
+    out = ops.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn, xd=xd, inv_keep=inv_keep,
+                           save_z=save_z)
+    return [t.contiguous() for t in (out if save_z else (out,))]
+
+
+@fused_linear_op.register_fake
+def _(x, w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset,
+      xa, lora_B, scaling, bias, mn, xd, inv_keep, save_z):
+    y = x.new_empty((x.shape[0], lora_B.shape[0]))
+    return [y, torch.empty_like(y)] if save_z else [y]
+
+
+@torch.library.custom_op("peft_ops::fused_linear_dx", mutates_args=())
+def fused_linear_dx_op(dy: Tensor, w: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
+                    nested_code: Optional[Tensor], offset_tensor: Optional[Tensor], code: Optional[Tensor],
+                    meta: Optional[Sequence[int]], offset: float,
+                    gb: Tensor, lora_A: Tensor, scaling: float, col_scale: Optional[Tensor],
+                    second_scale: Optional[Tensor], dropout: float, seed: Optional[Tensor],
+                    out_dtype: torch.dtype) -> Tensor:
+    """dx of `ops.fused_linear_dx`."""
+    weight = _weight(w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset)
+    return ops.fused_linear_dx(dy, weight, gb, lora_A, scaling, col_scale=col_scale,
+                               second_scale=second_scale, dropout=dropout, seed=_seed(seed),
+                               out_dtype=out_dtype).contiguous()
+
+
+@fused_linear_dx_op.register_fake
+def _(dy, w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset,
+      gb, lora_A, scaling, col_scale, second_scale, dropout, seed, out_dtype):
+    return dy.new_empty((dy.shape[0], lora_A.shape[1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("peft_ops::outer_reduce", mutates_args=())
+def outer_reduce_op(lhs: Tensor, rhs: Tensor, dropout: float, seed: Optional[Tensor]) -> Tensor:
+    """fp32 Σ_m lhs[m]ᵀ (rhs[m] ⊙ D[m])."""
+    return ops.outer_reduce(lhs, rhs, dropout=dropout, seed=_seed(seed)).contiguous()
+
+
+@outer_reduce_op.register_fake
+def _(lhs, rhs, dropout, seed):
+    return lhs.new_empty((lhs.shape[1], rhs.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("peft_ops::row_norm", mutates_args=())
+def row_norm_op(w: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
+             nested_code: Optional[Tensor], offset_tensor: Optional[Tensor], code: Optional[Tensor],
+             meta: Optional[Sequence[int]], offset: float,
+             lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """fp32 [N] ‖W + s·B A‖₂ per row."""
+    weight = _weight(w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset)
+    return ops.row_norm(weight, lora_A, lora_B, scaling).contiguous()
+
+
+@row_norm_op.register_fake
+def _(w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset, lora_A, lora_B, scaling):
+    return lora_A.new_empty((lora_B.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("peft_ops::column_dot", mutates_args=())
+def column_dot_op(a: Tensor, b: Tensor) -> Tensor:
+    """fp32 [N]: Σ_i a_ij b_ij."""
+    return ops.column_dot(a, b).contiguous()
+
+
+@column_dot_op.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[1],), dtype=torch.float32)
+
+
+# --- calling conventions of `peft_ops.ops`, over the registered ops ------------------------------
+# The autograd Functions call these: the same keywords as `ops`, the weight as `WeightOperands`.
+
+class WeightOperands(NamedTuple):
+    """A base weight as op operands (see `weight_operands`)."""
+    tensors: tuple
+    meta: Optional[list]
+    offset: float
+
+
+def operands(weight) -> WeightOperands:
+    return WeightOperands(*weight_operands(weight))
+
+
+def seed_operand(seed, p):
+    """The dropout seed as an op operand: None without dropout, else a 0-d int64 tensor."""
+    if not p:
+        return None
+    return seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64)
+
+
+def lora_shrink(x, a, *, dropout=0.0, seed=None, write_xd=False):
+    out = torch.ops.peft_ops.lora_shrink(x, a, dropout, seed, write_xd)
+    return (out[0], out[1]) if write_xd else out[0]
+
+
+def fused_linear(x, weight: WeightOperands, xa, lora_B, scaling, *, bias=None, mn=None, xd=None, inv_keep=1.0,
+           save_z=False):
+    out = torch.ops.peft_ops.fused_linear(x, *weight.tensors, weight.meta, weight.offset, xa, lora_B,
+                                          scaling, bias, mn, xd, inv_keep, save_z)
+    return (out[0], out[1]) if save_z else out[0]
+
+
+def fused_linear_dx(dy, weight: WeightOperands, gb, lora_A, scaling, *, col_scale=None, second_scale=None,
+              dropout=0.0, seed=None, out_dtype=None):
+    return torch.ops.peft_ops.fused_linear_dx(dy, *weight.tensors, weight.meta, weight.offset, gb, lora_A,
+                                              scaling, col_scale, second_scale, dropout, seed,
+                                              out_dtype or dy.dtype)
+
+
+def outer_reduce(lhs, rhs, *, dropout=0.0, seed=None):
+    return torch.ops.peft_ops.outer_reduce(lhs, rhs, dropout, seed)
+
+
+def row_norm(weight: WeightOperands, lora_A, lora_B, scaling):
+    return torch.ops.peft_ops.row_norm(*weight.tensors, weight.meta, weight.offset, lora_A, lora_B, scaling)
+
+
+def column_dot(a, b):
+    return torch.ops.peft_ops.column_dot(a, b)
