@@ -82,19 +82,22 @@ def fused_linear_op(x: Tensor, w: Tensor, absmax: Optional[Tensor], nested_absma
                  nested_code: Optional[Tensor], offset_tensor: Optional[Tensor], code: Optional[Tensor],
                  meta: Optional[Sequence[int]], offset: float,
                  xa: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor], mn: Optional[Tensor],
-                 xd: Optional[Tensor], inv_keep: float, save_z: bool) -> list[Tensor]:
-    """[y] or [y, z] of `ops.fused_linear`."""
+                 xd: Optional[Tensor], inv_keep: float, save_z: bool, lead: Sequence[int]) -> list[Tensor]:
+    """[y] or [y, z] of `ops.fused_linear`; y shaped [*lead, N] (x's leading dimensions)."""
     weight = _weight(w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset)
     out = ops.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn, xd=xd, inv_keep=inv_keep,
                            save_z=save_z)
-    return [t.contiguous() for t in (out if save_z else (out,))]
+    y, *z = [t.contiguous() for t in (out if save_z else (out,))]
+    # A fresh tensor, not a view of the [M, N] result: FSDP2 hooks a module's output, and an
+    # in-place op on a view output would drop that hook.
+    return [y.view(*lead, y.shape[1]).detach(), *z]
 
 
 @fused_linear_op.register_fake
 def _(x, w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset,
-      xa, lora_B, scaling, bias, mn, xd, inv_keep, save_z):
-    y = x.new_empty((x.shape[0], lora_B.shape[0]))
-    return [y, torch.empty_like(y)] if save_z else [y]
+      xa, lora_B, scaling, bias, mn, xd, inv_keep, save_z, lead):
+    y = x.new_empty((*lead, lora_B.shape[0]))
+    return [y, x.new_empty((x.shape[0], lora_B.shape[0]))] if save_z else [y]
 
 
 @torch.library.custom_op("peft_ops::fused_linear_dx", mutates_args=())
@@ -181,9 +184,11 @@ def lora_shrink(x, a, *, dropout=0.0, seed=None, write_xd=False):
 
 
 def fused_linear(x, weight: WeightOperands, xa, lora_B, scaling, *, bias=None, mn=None, xd=None, inv_keep=1.0,
-           save_z=False):
+                 save_z=False, lead=None):
+    """`ops.fused_linear`; y comes shaped [*lead, N] (default [M, N]), z [M, N]."""
+    lead = (x.shape[0],) if lead is None else lead
     out = torch.ops.peft_ops.fused_linear(x, *weight.tensors, weight.meta, weight.offset, xa, lora_B,
-                                          scaling, bias, mn, xd, inv_keep, save_z)
+                                          scaling, bias, mn, xd, inv_keep, save_z, lead)
     return (out[0], out[1]) if save_z else out[0]
 
 

@@ -38,14 +38,14 @@ def _saved(ctx):
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x Wᵀ + bias + s·(drop(x) Aᵀ) Bᵀ for x [M, K]."""
+    """y = x Wᵀ + bias + s·(drop(x) Aᵀ) Bᵀ for x [M, K]; y comes out [*lead, N]."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, scaling, p, seed, meta, offset, *weight_tensors):
+    def forward(ctx, x, lead, lora_A, lora_B, bias, scaling, p, seed, meta, offset, *weight_tensors):
         weight = lib.WeightOperands(weight_tensors, meta, offset)
         seed_t = lib.seed_operand(seed, p)
         xa = lib.lora_shrink(x, lora_A, dropout=p, seed=seed_t)                   # drop(x) Aᵀ
-        y = lib.fused_linear(x, weight, xa, lora_B, scaling, bias=bias)           # x Wᵀ + s·xa Bᵀ + b
+        y = lib.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, lead=lead)  # x Wᵀ + s·xa Bᵀ + b
         _save(ctx, seed, x, xa, lora_A, lora_B, *weight_tensors)
         ctx.scaling, ctx.p, ctx.meta, ctx.offset = scaling, p, meta, offset
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -56,7 +56,8 @@ class LoraLinearFunction(torch.autograd.Function):
         (x, xa, lora_A, lora_B, *weight_tensors), seed = _saved(ctx)
         weight = lib.WeightOperands(tuple(weight_tensors), ctx.meta, ctx.offset)
         s, p = ctx.scaling, ctx.p
-        need_x, need_A, need_B, need_bias = ctx.needs_input_grad[:4]
+        dy = dy.reshape(-1, dy.shape[-1])                                          # [*lead, N] -> [M, N]
+        need_x, _, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
         dx = dA = dB = dbias = None
         if need_x or need_A:
             gb = lib.lora_shrink(dy, lora_B.t())                                   # dy B
@@ -69,25 +70,25 @@ class LoraLinearFunction(torch.autograd.Function):
             dB = (s * lib.outer_reduce(dy, xa)).to(lora_B.dtype)                  # s·dyᵀ xa
         if need_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return (dx, dA, dB, dbias, None, None, None, None, None) + (None,) * len(weight_tensors)
+        return (dx, None, dA, dB, dbias, None, None, None, None, None) + (None,) * len(weight_tensors)
 
 
 class DoraLinearFunction(torch.autograd.Function):
     """DoRA with PEFT's semantics; n = ‖W + s·B A‖ is a constant in backward (SPEC §3)."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, magnitude, bias, scaling, p, seed, meta, offset, *weight_tensors):
+    def forward(ctx, x, lead, lora_A, lora_B, magnitude, bias, scaling, p, seed, meta, offset, *weight_tensors):
         weight = lib.WeightOperands(weight_tensors, meta, offset)
         seed_t = lib.seed_operand(seed, p)
         norm = lib.row_norm(weight, lora_A, lora_B, scaling).clamp_min(DORA_EPS)  # n, one pass over W
         mn = magnitude.float() / norm                                               # m/n
-        save_z = ctx.needs_input_grad[3]
+        save_z = ctx.needs_input_grad[4]
         if p:
             xa, xd = lib.lora_shrink(x, lora_A, dropout=p, seed=seed_t, write_xd=True)  # drop(x) Aᵀ, keep⊙x
         else:
             xa, xd = lib.lora_shrink(x, lora_A), None                                 # x Aᵀ
         out = lib.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn, xd=xd,
-                               inv_keep=1.0 / (1.0 - p), save_z=save_z)              # y (and z)
+                               inv_keep=1.0 / (1.0 - p), save_z=save_z, lead=lead)   # y (and z)
         y, z = out if save_z else (out, None)
         _save(ctx, seed, x, xa, lora_A, lora_B, magnitude, norm, z, *weight_tensors)
         ctx.scaling, ctx.p, ctx.meta, ctx.offset = scaling, p, meta, offset
@@ -99,7 +100,8 @@ class DoraLinearFunction(torch.autograd.Function):
         (x, xa, lora_A, lora_B, magnitude, norm, z, *weight_tensors), seed = _saved(ctx)
         weight = lib.WeightOperands(tuple(weight_tensors), ctx.meta, ctx.offset)
         s, p = ctx.scaling, ctx.p
-        need_x, need_A, need_B, need_m, need_bias = ctx.needs_input_grad[:5]
+        dy = dy.reshape(-1, dy.shape[-1])                                          # [*lead, N] -> [M, N]
+        need_x, _, need_A, need_B, need_m, need_bias = ctx.needs_input_grad[:6]
         mn = magnitude.float() / norm
         dx = dA = dB = dm = dbias = None
         if need_x or need_A:
@@ -118,7 +120,7 @@ class DoraLinearFunction(torch.autograd.Function):
             dm = (lib.column_dot(dy, z) / norm).to(magnitude.dtype)                 # Σ_i dy z / n
         if need_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return (dx, dA, dB, dm, dbias, None, None, None, None, None) + (None,) * len(weight_tensors)
+        return (dx, None, dA, dB, dm, dbias, None, None, None, None, None) + (None,) * len(weight_tensors)
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -219,13 +221,12 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
     if x2.shape[0] == 0:
         return x.new_zeros(*x.shape[:-1], N) + (0 if bias is None else bias.to(x.dtype))
     tensors, meta, offset = lib.weight_operands(weight)
+    lead = tuple(x.shape[:-1])   # y comes out [*lead, N], its own tensor (not a view of [M, N])
     if magnitude is None:
-        y = LoraLinearFunction.apply(x2, lora_A, lora_B, bias, float(scaling), p, seed, meta, offset,
-                                     *tensors)
-    else:
-        y = DoraLinearFunction.apply(x2, lora_A, lora_B, magnitude, bias, float(scaling), p, seed, meta,
-                                     offset, *tensors)
-    return y.reshape(*x.shape[:-1], N)
+        return LoraLinearFunction.apply(x2, lead, lora_A, lora_B, bias, float(scaling), p, seed, meta, offset,
+                                        *tensors)
+    return DoraLinearFunction.apply(x2, lead, lora_A, lora_B, magnitude, bias, float(scaling), p, seed, meta,
+                                    offset, *tensors)
 
 
 def dora_row_norm(weight, lora_A, lora_B, scaling):
