@@ -139,6 +139,13 @@ class NF4Linear(nn.Module):
     bias: the packed weight and its fp32 statistics keep their dtype, and the output always has the
     input's dtype.
 
+    For FSDP2 / DDP the NF4 tensors are also frozen parameters (`requires_grad=False`, never in the
+    state dict under these names): `nf4_packed` `[N, K/2]` and `nf4_absmax` `[N, K/blocksize]` (1-D
+    when K is odd or not a multiple of the block size), and with double quantization
+    `nf4_nested_absmax`. `fully_shard` then cuts packed bytes and absmax at the same rows, so a shard
+    holds whole quantization blocks, and gathers them before the forward; `weight` is an `NF4Weight`
+    view of whatever tensors the module holds at that moment.
+
     Args:
         in_features, out_features: sizes, as `nn.Linear`.
         bias: whether the layer has a bias.
@@ -204,31 +211,78 @@ class NF4Linear(nn.Module):
             layer.register_parameter("bias", None)
         return layer
 
+    # --- the NF4 tensors as frozen parameters (see the class docstring) ---
+
+    _NF4_PARAMS = ("nf4_packed", "nf4_absmax", "nf4_nested_absmax")
+    _NF4_BUFFERS = ("nf4_code", "nf4_nested_code", "nf4_offset")
+
+    @property
+    def weight(self):
+        """The frozen weight as an `NF4Weight` over the module's current NF4 tensors (FSDP2 swaps
+        them between sharded and gathered)."""
+        shape, dtype, blocksize, nested_blocksize, offset = self._nf4_meta
+        packed, nested_absmax = self.nf4_packed, self.nf4_nested_absmax
+        weight = NF4Weight.__new__(NF4Weight)   # the tensors were validated when assigned
+        weight.__dict__.update(
+            packed=packed.reshape(-1), absmax=self.nf4_absmax.reshape(-1), nested_absmax=nested_absmax,
+            nested_code=self.nf4_nested_code, offset=offset, offset_tensor=self.nf4_offset,
+            code=self.nf4_code, shape=shape, dtype=dtype, blocksize=blocksize,
+            double_quant=nested_absmax is not None, nested_blocksize=nested_blocksize)
+        return weight
+
+    @weight.setter
+    def weight(self, weight):
+        if not isinstance(weight, NF4Weight):
+            raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+        N, K = weight.shape
+        packed, absmax = weight.packed, weight.absmax
+        if K % 2 == 0:
+            packed = packed.view(N, K // 2)            # rows of whole bytes: FSDP2 shards by rows
+            if K % weight.blocksize == 0:
+                absmax = absmax.view(N, K // weight.blocksize)
+        for name, t in zip(self._NF4_PARAMS, (packed, absmax, weight.nested_absmax)):
+            self.register_parameter(name, None if t is None else nn.Parameter(t, requires_grad=False))
+        for name, t in (("nf4_code", weight.code), ("nf4_nested_code", weight.nested_code),
+                        ("nf4_offset", weight.offset_tensor)):
+            self.register_buffer(name, t, persistent=False)
+        self._nf4_meta = (weight.shape, weight.dtype, weight.blocksize, weight.nested_blocksize, weight.offset)
+
     @property
     def device(self):
-        return self.weight.device
+        return self.nf4_packed.device
 
     def forward(self, x):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.dequantize(x.dtype), bias)
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        # Module._apply only visits Parameters and buffers; move the NF4 tensors by probing where `fn`
-        # sends a tensor living on the weight's device. Dtype casts are deliberately not applied.
-        target = fn(torch.empty(0, device=self.device)).device
-        if target != self.device:
-            self.weight = self.weight.to(target)
+        # Move the NF4 tensors by probing where `fn` sends a tensor on the weight's device; dtype casts
+        # are deliberately not applied to them (Module._apply would cast the fp32 statistics).
+        weight = self.weight
+        for name in self._NF4_PARAMS:
+            self._parameters.pop(name, None)
+        for name in self._NF4_BUFFERS:
+            self._buffers.pop(name, None)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            target = fn(torch.empty(0, device=weight.device)).device
+            self.weight = weight.to(target)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # bitsandbytes' keys only: the bias, then the weight's entries (not the nf4_* parameters).
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
         destination.update(self.weight.state_dict(prefix))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        for name in self._NF4_PARAMS:   # stored under bitsandbytes' keys, read below
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
         wkey = prefix + "weight"
         ours = [k for k in state_dict if k == wkey or k.startswith(wkey + ".")]
         for k in ours:
