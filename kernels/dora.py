@@ -47,16 +47,16 @@ def _row_norm_kernel(
 
 @triton.jit
 def _column_dot_kernel(
-    a_ptr, b_ptr, out_ptr, M, N,
+    a_ptr, b_ptr, out_ptr, M, N, m_per_split,
     stride_am, stride_an, stride_bm, stride_bn, stride_os,
-    M_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out[split, j] = Σ_i a_ij b_ij over the split's rows, in fp32."""
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    m_begin = tl.program_id(1).to(tl.int64) * M_PER_SPLIT
+    m_begin = tl.program_id(1).to(tl.int64) * m_per_split
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(0, M_PER_SPLIT, BLOCK_M):
+    for m0 in range(0, m_per_split, BLOCK_M):
         offs_m = m_begin + m0 + tl.arange(0, BLOCK_M)
         mask = (offs_m < M)[:, None] & mask_n[None, :]
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an, mask=mask, other=0.0)
@@ -92,7 +92,7 @@ def column_dot(a, b):
     split_m = triton.cdiv(M, m_per_split)
     out = torch.empty((split_m, N), dtype=torch.float32, device=a.device)
     _column_dot_kernel[(triton.cdiv(N, BLOCK_N), split_m)](
-        a, b, out, M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
-        M_PER_SPLIT=m_per_split, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        a, b, out, M, N, m_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
     )
     return out[0] if split_m == 1 else out.sum(0)

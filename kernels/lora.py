@@ -103,11 +103,11 @@ def _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, out_ptr, xd_ptr,
-    M, K, R,
+    M, K, R, k_per_split,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_os, stride_om, stride_xdm,
     # dropout on x
     seed, p, inv_keep,
-    DROPOUT: tl.constexpr, WRITE_XD: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    DROPOUT: tl.constexpr, WRITE_XD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[split] = drop(x)[:, split's K range] · A[:, same]ᵀ  in fp32; optionally writes keep ⊙ x."""
@@ -118,8 +118,8 @@ def _lora_shrink_kernel(
     mask_m = offs_m < M
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    k_begin = pid_s * K_PER_SPLIT
-    for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
+    k_begin = pid_s * k_per_split
+    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         mask = mask_m[:, None] & mask_k[None, :]
@@ -148,14 +148,14 @@ def _fused_linear_kernel(
     xa_ptr, b_ptr, mn_ptr, bias_ptr, scaling, inv_keep,
     # outputs: y and z, or fp32 partial sums of x Wᵀ / xd Wᵀ when split over K
     y_ptr, z_ptr, part_ptr, part_d_ptr,
-    M, N, K, R,
+    M, N, K, R, k_per_split,
     stride_xm, stride_xk, stride_xdm, stride_wn, stride_wk, stride_xam, stride_bn, stride_br,
     stride_ym, stride_ps,
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ROUND: tl.constexpr,
     BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr,
-    SPLIT_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -170,8 +170,8 @@ def _fused_linear_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_begin = pid_s * K_PER_SPLIT
-    for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
+    k_begin = pid_s * k_per_split
+    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_x = mask_m[:, None] & (offs_k < K)[None, :]
         w = weight_tile(w_ptr, stride_wn, stride_wk,
@@ -290,10 +290,10 @@ def _fused_linear_dx_kernel(
 @triton.jit
 def _outer_reduce_kernel(
     l_ptr, r_ptr, out_ptr,
-    M, P, Q,
+    M, P, Q, m_per_split,
     stride_lm, stride_lp, stride_rm, stride_rq, stride_os, stride_op,
     seed, p, inv_keep,
-    DROPOUT: tl.constexpr, M_PER_SPLIT: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """out[split] = Σ_m L[m, :]ᵀ R'[m, :] over the split's rows, fp32; R' = R ⊙ D with dropout
@@ -306,8 +306,8 @@ def _outer_reduce_kernel(
     mask_p = offs_p < P
     mask_q = offs_q < Q
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    m_begin = pid_s.to(tl.int64) * M_PER_SPLIT
-    for m0 in range(0, M_PER_SPLIT, BLOCK_M):
+    m_begin = pid_s.to(tl.int64) * m_per_split
+    for m0 in range(0, m_per_split, BLOCK_M):
         offs_m = m_begin + m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         lhs = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_p[None, :] * stride_lp,
@@ -397,10 +397,10 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
     xd = torch.empty((M, K), dtype=store_dtype(x.dtype), device=x.device) if write_xd else out
     grid = (triton.cdiv(M, BLOCK_M), split_k)
     _lora_shrink_kernel[grid](
-        x, a, out, xd, M, K, R,
+        x, a, out, xd, M, K, R, k_per_split,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1), xd.stride(0),
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
-        DROPOUT=dropout > 0, WRITE_XD=write_xd, K_PER_SPLIT=k_per_split,
+        DROPOUT=dropout > 0, WRITE_XD=write_xd,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, enable_fp_fusion=False,
     )
     xa = out[0] if split_k == 1 else out.sum(0)
@@ -440,12 +440,12 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
         x, xd if second else x, wa["w"], *wa["stats"],
         xa, lora_B, mn if mn is not None else xa, bias if bias is not None else xa, scaling, inv_keep,
         y, z, part, part_d,
-        M, N, K, R,
+        M, N, K, R, k_per_split,
         x.stride(0), x.stride(1), xd.stride(0) if second else 0, wa["stride_wn"], wa["stride_wk"],
         xa.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0),
         part.stride(0) if split_k > 1 else 0,
         **wa["meta"], DOT_DTYPE=dot_dtype(x.dtype), **flags,
-        SPLIT_K=split_k, K_PER_SPLIT=k_per_split,
+        SPLIT_K=split_k,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=BLOCK_R,
         GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg),
     )
@@ -505,10 +505,10 @@ def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, split_m=None):
     out = torch.empty((split_m, P, Q), dtype=torch.float32, device=lhs.device)
     grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(Q, BLOCK_Q), split_m)
     _outer_reduce_kernel[grid](
-        lhs, rhs, out, M, P, Q,
+        lhs, rhs, out, M, P, Q, m_per_split,
         lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1), out.stride(0), out.stride(1),
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
-        DROPOUT=dropout > 0, M_PER_SPLIT=m_per_split,
+        DROPOUT=dropout > 0,
         BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, enable_fp_fusion=False,
     )
     return out[0] if split_m == 1 else out.sum(0)
