@@ -59,6 +59,12 @@ def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed.item())
 
 
+def _exact(t: Tensor):
+    """Autocast off: an op computes in its own precision even when backward runs inside an
+    autocast region (the twins' fp32 matmuls would otherwise drop to bf16)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 # --- the ops ------------------------------------------------------------------------------------
 # Each returns fresh, contiguous tensors (what its fake says): inductor plans around the fake's
 # strides, and a custom op may not return an alias of an input.
@@ -67,7 +73,8 @@ def _seed(seed: Optional[Tensor]) -> int:
 def lora_shrink_op(x: Tensor, a: Tensor, dropout: float, seed: Optional[Tensor],
                 write_xd: bool) -> list[Tensor]:
     """[drop(x) aᵀ (fp32 [M, r])] and, with `write_xd`, keep ⊙ x (x's dtype)."""
-    out = ops.lora_shrink(x, a, dropout=dropout, seed=_seed(seed), write_xd=write_xd)
+    with _exact(x):
+        out = ops.lora_shrink(x, a, dropout=dropout, seed=_seed(seed), write_xd=write_xd)
     return [t.contiguous() for t in (out if write_xd else (out,))]
 
 
@@ -85,8 +92,9 @@ def fused_linear_op(x: Tensor, w: Tensor, absmax: Optional[Tensor], nested_absma
                  xd: Optional[Tensor], inv_keep: float, save_z: bool, lead: Sequence[int]) -> list[Tensor]:
     """[y] or [y, z] of `ops.fused_linear`; y shaped [*lead, N] (x's leading dimensions)."""
     weight = _weight(w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset)
-    out = ops.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn, xd=xd, inv_keep=inv_keep,
-                           save_z=save_z)
+    with _exact(x):
+        out = ops.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn, xd=xd, inv_keep=inv_keep,
+                               save_z=save_z)
     y, *z = [t.contiguous() for t in (out if save_z else (out,))]
     # A fresh tensor, not a view of the [M, N] result: FSDP2 hooks a module's output, and an
     # in-place op on a view output would drop that hook.
@@ -109,9 +117,10 @@ def fused_linear_dx_op(dy: Tensor, w: Tensor, absmax: Optional[Tensor], nested_a
                     out_dtype: torch.dtype) -> Tensor:
     """dx of `ops.fused_linear_dx`."""
     weight = _weight(w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset)
-    return ops.fused_linear_dx(dy, weight, gb, lora_A, scaling, col_scale=col_scale,
-                               second_scale=second_scale, dropout=dropout, seed=_seed(seed),
-                               out_dtype=out_dtype).contiguous()
+    with _exact(dy):
+        return ops.fused_linear_dx(dy, weight, gb, lora_A, scaling, col_scale=col_scale,
+                                   second_scale=second_scale, dropout=dropout, seed=_seed(seed),
+                                   out_dtype=out_dtype).contiguous()
 
 
 @fused_linear_dx_op.register_fake
@@ -123,7 +132,8 @@ def _(dy, w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offs
 @torch.library.custom_op("peft_ops::outer_reduce", mutates_args=())
 def outer_reduce_op(lhs: Tensor, rhs: Tensor, dropout: float, seed: Optional[Tensor]) -> Tensor:
     """fp32 Σ_m lhs[m]ᵀ (rhs[m] ⊙ D[m])."""
-    return ops.outer_reduce(lhs, rhs, dropout=dropout, seed=_seed(seed)).contiguous()
+    with _exact(lhs):
+        return ops.outer_reduce(lhs, rhs, dropout=dropout, seed=_seed(seed)).contiguous()
 
 
 @outer_reduce_op.register_fake
@@ -138,7 +148,8 @@ def row_norm_op(w: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Ten
              lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """fp32 [N] ‖W + s·B A‖₂ per row."""
     weight = _weight(w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset)
-    return ops.row_norm(weight, lora_A, lora_B, scaling).contiguous()
+    with _exact(lora_A):
+        return ops.row_norm(weight, lora_A, lora_B, scaling).contiguous()
 
 
 @row_norm_op.register_fake
@@ -149,7 +160,8 @@ def _(w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset, 
 @torch.library.custom_op("peft_ops::column_dot", mutates_args=())
 def column_dot_op(a: Tensor, b: Tensor) -> Tensor:
     """fp32 [N]: Σ_i a_ij b_ij."""
-    return ops.column_dot(a, b).contiguous()
+    with _exact(a):
+        return ops.column_dot(a, b).contiguous()
 
 
 @column_dot_op.register_fake
