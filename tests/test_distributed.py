@@ -206,3 +206,34 @@ def test_matches_single_process_training(distributed_run, parallel, kind):
     assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in trained.items()}
     for key, t in saved.items():
         assert torch.equal(t, trained[key].float()), key
+
+
+def test_nf4linear_holds_row_shardable_frozen_parameters():
+    # What FSDP2 and DDP see of an NF4Linear: frozen parameters, bytes and absmax as [N, ...] rows.
+    from peft_ops import NF4Linear
+
+    torch.manual_seed(0)
+    even, odd = NF4Linear.from_linear(nn.Linear(64, 95)), NF4Linear.from_linear(nn.Linear(95, 64))
+    params = dict(even.named_parameters())
+    assert {n: (tuple(p.shape), p.dtype, p.requires_grad) for n, p in params.items() if n != "bias"} == {
+        "nf4_packed": ((95, 32), torch.uint8, False),
+        "nf4_absmax": ((95, 1), torch.uint8, False),        # double quantization: 8-bit codes
+        "nf4_nested_absmax": ((1,), torch.float32, False)}
+    assert even.weight.packed.data_ptr() == even.nf4_packed.data_ptr()   # a view, not a copy
+    assert odd.nf4_packed.shape == ((95 * 64 + 1) // 2,) and odd.nf4_absmax.dim() == 1   # odd K: flat
+    plain = NF4Linear.from_linear(nn.Linear(64, 8), double_quant=False)
+    assert plain.nf4_absmax.dtype == torch.float32 and plain.nf4_nested_absmax is None
+
+    # State dicts keep bitsandbytes' keys only, and load back into the same layout.
+    keys = set(even.state_dict())
+    assert not any(k.startswith("nf4_") for k in keys) and "weight" in keys and "weight.absmax" in keys
+    fresh = NF4Linear(64, 95)
+    fresh.load_state_dict(even.state_dict())
+    for name in ("nf4_packed", "nf4_absmax", "nf4_nested_absmax"):
+        assert torch.equal(getattr(fresh, name), getattr(even, name)), name
+
+    # Dtype casts leave the NF4 tensors alone (fp32 statistics stay fp32); the bias is cast.
+    dense = plain.weight.dequantize(torch.float32)
+    plain.to(torch.bfloat16)
+    assert plain.nf4_absmax.dtype == torch.float32 and plain.bias.dtype == torch.bfloat16
+    assert torch.equal(plain.weight.dequantize(torch.float32), dense)
