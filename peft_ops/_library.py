@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .nf4 import NF4Weight
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -42,17 +43,10 @@ def _weight(w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, of
     """Inverse of `weight_operands`: the tensor, or an NF4Weight around these tensors."""
     if meta is None:
         return w
-    from .nf4 import NF4Weight
-
     N, K, blocksize, nested_blocksize, dtype = meta
-    weight = NF4Weight.__new__(NF4Weight)   # no re-validation: the layer built these tensors
-    weight.__dict__.update(
-        packed=w.reshape(-1), absmax=absmax.reshape(-1), code=code, shape=torch.Size((N, K)),
-        dtype=_DTYPES[dtype], blocksize=blocksize, double_quant=nested_absmax is not None,
-        nested_blocksize=nested_blocksize, nested_absmax=nested_absmax, nested_code=nested_code,
-        offset=offset if nested_absmax is not None else None,
-        offset_tensor=offset_tensor if nested_absmax is not None else None)
-    return weight
+    return NF4Weight._wrap(w, absmax, (N, K), _DTYPES[dtype], blocksize, nested_absmax=nested_absmax,
+                           nested_code=nested_code, offset=offset, offset_tensor=offset_tensor, code=code,
+                           nested_blocksize=nested_blocksize)
 
 
 def _seed(seed: Optional[Tensor]) -> int:

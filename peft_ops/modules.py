@@ -221,14 +221,10 @@ class NF4Linear(nn.Module):
         """The frozen weight as an `NF4Weight` over the module's current NF4 tensors (FSDP2 swaps
         them between sharded and gathered)."""
         shape, dtype, blocksize, nested_blocksize, offset = self._nf4_meta
-        packed, nested_absmax = self.nf4_packed, self.nf4_nested_absmax
-        weight = NF4Weight.__new__(NF4Weight)   # the tensors were validated when assigned
-        weight.__dict__.update(
-            packed=packed.reshape(-1), absmax=self.nf4_absmax.reshape(-1), nested_absmax=nested_absmax,
-            nested_code=self.nf4_nested_code, offset=offset, offset_tensor=self.nf4_offset,
-            code=self.nf4_code, shape=shape, dtype=dtype, blocksize=blocksize,
-            double_quant=nested_absmax is not None, nested_blocksize=nested_blocksize)
-        return weight
+        return NF4Weight._wrap(self.nf4_packed, self.nf4_absmax, shape, dtype, blocksize,
+                               nested_absmax=self.nf4_nested_absmax, nested_code=self.nf4_nested_code,
+                               offset=offset, offset_tensor=self.nf4_offset, code=self.nf4_code,
+                               nested_blocksize=nested_blocksize)
 
     @weight.setter
     def weight(self, weight):

@@ -240,6 +240,21 @@ class NF4Weight:
     # --- construction ------------------------------------------------------------------------
 
     @classmethod
+    def _wrap(cls, packed, absmax, shape, dtype, blocksize, *, nested_absmax, nested_code, offset,
+              offset_tensor, code, nested_blocksize) -> "NF4Weight":
+        """An NF4Weight around tensors a constructor already checked (no validation, no copies;
+        row views of the bytes and statistics are read flat). torch.compile traces this, and the
+        FSDP2-gathered tensors of an NF4Linear come back through it."""
+        weight = cls.__new__(cls)
+        double_quant = nested_absmax is not None
+        weight.__dict__.update(
+            packed=packed.reshape(-1), absmax=absmax.reshape(-1), nested_absmax=nested_absmax,
+            nested_code=nested_code, offset=offset if double_quant else None,
+            offset_tensor=offset_tensor if double_quant else None, code=code, shape=torch.Size(shape),
+            dtype=dtype, blocksize=blocksize, double_quant=double_quant, nested_blocksize=nested_blocksize)
+        return weight
+
+    @classmethod
     def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> "NF4Weight":
         """Quantize a 2-D float tensor (fp32 / fp16 / bf16) to NF4, as bitsandbytes does.
 
