@@ -11,6 +11,7 @@ Operands: a base weight enters as tensors plus plain numbers (`weight_operands`)
 inside the op, so drawing it costs the traced graph no `.item()`.
 """
 
+import contextlib
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -56,20 +57,25 @@ def _seed(seed: Optional[Tensor]) -> int:
 def _exact(t: Tensor):
     """Autocast off: an op computes in its own precision even when backward runs inside an
     autocast region (the twins' fp32 matmuls would otherwise drop to bf16)."""
-    return torch.autocast(t.device.type, enabled=False)
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # --- the ops ------------------------------------------------------------------------------------
-# Each returns fresh, contiguous tensors (what its fake says): inductor plans around the fake's
-# strides, and a custom op may not return an alias of an input.
+# Each `_<name>` is the implementation of the op `peft_ops::<name>` registered after it. Each
+# returns fresh, contiguous tensors (what its fake says): inductor plans around the fake's strides,
+# and a custom op may not return an alias of an input.
 
-@torch.library.custom_op("peft_ops::lora_shrink", mutates_args=())
-def lora_shrink_op(x: Tensor, a: Tensor, dropout: float, seed: Optional[Tensor],
-                write_xd: bool) -> list[Tensor]:
+def _lora_shrink(x: Tensor, a: Tensor, dropout: float, seed: Optional[Tensor],
+                 write_xd: bool) -> list[Tensor]:
     """[drop(x) aᵀ (fp32 [M, r])] and, with `write_xd`, keep ⊙ x (x's dtype)."""
     with _exact(x):
         out = ops.lora_shrink(x, a, dropout=dropout, seed=_seed(seed), write_xd=write_xd)
     return [t.contiguous() for t in (out if write_xd else (out,))]
+
+
+lora_shrink_op = torch.library.custom_op("peft_ops::lora_shrink", _lora_shrink, mutates_args=())
 
 
 @lora_shrink_op.register_fake
@@ -78,8 +84,7 @@ def _(x, a, dropout, seed, write_xd):
     return [xa, x.new_empty(x.shape)] if write_xd else [xa]
 
 
-@torch.library.custom_op("peft_ops::fused_linear", mutates_args=())
-def fused_linear_op(x: Tensor, w: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
+def _fused_linear(x: Tensor, w: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
                  nested_code: Optional[Tensor], offset_tensor: Optional[Tensor], code: Optional[Tensor],
                  meta: Optional[Sequence[int]], offset: float,
                  xa: Tensor, lora_B: Tensor, scaling: float, bias: Optional[Tensor], mn: Optional[Tensor],
@@ -95,6 +100,9 @@ def fused_linear_op(x: Tensor, w: Tensor, absmax: Optional[Tensor], nested_absma
     return [y.view(*lead, y.shape[1]).detach(), *z]
 
 
+fused_linear_op = torch.library.custom_op("peft_ops::fused_linear", _fused_linear, mutates_args=())
+
+
 @fused_linear_op.register_fake
 def _(x, w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset,
       xa, lora_B, scaling, bias, mn, xd, inv_keep, save_z, lead):
@@ -102,8 +110,7 @@ def _(x, w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offse
     return [y, x.new_empty((x.shape[0], lora_B.shape[0]))] if save_z else [y]
 
 
-@torch.library.custom_op("peft_ops::fused_linear_dx", mutates_args=())
-def fused_linear_dx_op(dy: Tensor, w: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
+def _fused_linear_dx(dy: Tensor, w: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
                     nested_code: Optional[Tensor], offset_tensor: Optional[Tensor], code: Optional[Tensor],
                     meta: Optional[Sequence[int]], offset: float,
                     gb: Tensor, lora_A: Tensor, scaling: float, col_scale: Optional[Tensor],
@@ -117,17 +124,22 @@ def fused_linear_dx_op(dy: Tensor, w: Tensor, absmax: Optional[Tensor], nested_a
                                    out_dtype=out_dtype).contiguous()
 
 
+fused_linear_dx_op = torch.library.custom_op("peft_ops::fused_linear_dx", _fused_linear_dx, mutates_args=())
+
+
 @fused_linear_dx_op.register_fake
 def _(dy, w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset,
       gb, lora_A, scaling, col_scale, second_scale, dropout, seed, out_dtype):
     return dy.new_empty((dy.shape[0], lora_A.shape[1]), dtype=out_dtype)
 
 
-@torch.library.custom_op("peft_ops::outer_reduce", mutates_args=())
-def outer_reduce_op(lhs: Tensor, rhs: Tensor, dropout: float, seed: Optional[Tensor]) -> Tensor:
+def _outer_reduce(lhs: Tensor, rhs: Tensor, dropout: float, seed: Optional[Tensor]) -> Tensor:
     """fp32 Σ_m lhs[m]ᵀ (rhs[m] ⊙ D[m])."""
     with _exact(lhs):
         return ops.outer_reduce(lhs, rhs, dropout=dropout, seed=_seed(seed)).contiguous()
+
+
+outer_reduce_op = torch.library.custom_op("peft_ops::outer_reduce", _outer_reduce, mutates_args=())
 
 
 @outer_reduce_op.register_fake
@@ -135,8 +147,7 @@ def _(lhs, rhs, dropout, seed):
     return lhs.new_empty((lhs.shape[1], rhs.shape[1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("peft_ops::row_norm", mutates_args=())
-def row_norm_op(w: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
+def _row_norm(w: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Tensor],
              nested_code: Optional[Tensor], offset_tensor: Optional[Tensor], code: Optional[Tensor],
              meta: Optional[Sequence[int]], offset: float,
              lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
@@ -146,16 +157,21 @@ def row_norm_op(w: Tensor, absmax: Optional[Tensor], nested_absmax: Optional[Ten
         return ops.row_norm(weight, lora_A, lora_B, scaling).contiguous()
 
 
+row_norm_op = torch.library.custom_op("peft_ops::row_norm", _row_norm, mutates_args=())
+
+
 @row_norm_op.register_fake
 def _(w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offset, lora_A, lora_B, scaling):
     return lora_A.new_empty((lora_B.shape[0],), dtype=torch.float32)
 
 
-@torch.library.custom_op("peft_ops::column_dot", mutates_args=())
-def column_dot_op(a: Tensor, b: Tensor) -> Tensor:
+def _column_dot(a: Tensor, b: Tensor) -> Tensor:
     """fp32 [N]: Σ_i a_ij b_ij."""
     with _exact(a):
         return ops.column_dot(a, b).contiguous()
+
+
+column_dot_op = torch.library.custom_op("peft_ops::column_dot", _column_dot, mutates_args=())
 
 
 @column_dot_op.register_fake
@@ -165,6 +181,11 @@ def _(a, b):
 
 # --- calling conventions of `peft_ops.ops`, over the registered ops ------------------------------
 # The autograd Functions call these: the same keywords as `ops`, the weight as `WeightOperands`.
+
+_IMPLS = {"lora_shrink": _lora_shrink, "fused_linear": _fused_linear, "fused_linear_dx": _fused_linear_dx,
+          "outer_reduce": _outer_reduce, "row_norm": _row_norm, "column_dot": _column_dot}
+_PLAIN = (Tensor, torch.nn.Parameter)
+
 
 class WeightOperands(NamedTuple):
     """A base weight as op operands (see `weight_operands`)."""
@@ -177,6 +198,15 @@ def operands(weight) -> WeightOperands:
     return WeightOperands(*weight_operands(weight))
 
 
+def _call(name, *args):
+    """Run op `name`: through the dispatcher when traced (torch.compile, export) or given tensor
+    subclasses (fake, functional, DTensor), else its implementation directly, sparing plain eager
+    calls the dispatcher's tens of microseconds (they matter at decode sizes)."""
+    if torch.compiler.is_compiling() or any(type(t) not in _PLAIN for t in args if isinstance(t, Tensor)):
+        return getattr(torch.ops.peft_ops, name)(*args)
+    return _IMPLS[name](*args)
+
+
 def seed_operand(seed, p):
     """The dropout seed as an op operand: None without dropout, else a 0-d int64 tensor."""
     if not p:
@@ -185,7 +215,7 @@ def seed_operand(seed, p):
 
 
 def lora_shrink(x, a, *, dropout=0.0, seed=None, write_xd=False):
-    out = torch.ops.peft_ops.lora_shrink(x, a, dropout, seed, write_xd)
+    out = _call("lora_shrink", x, a, dropout, seed, write_xd)
     return (out[0], out[1]) if write_xd else out[0]
 
 
@@ -193,25 +223,24 @@ def fused_linear(x, weight: WeightOperands, xa, lora_B, scaling, *, bias=None, m
                  save_z=False, lead=None):
     """`ops.fused_linear`; y comes shaped [*lead, N] (default [M, N]), z [M, N]."""
     lead = (x.shape[0],) if lead is None else lead
-    out = torch.ops.peft_ops.fused_linear(x, *weight.tensors, weight.meta, weight.offset, xa, lora_B,
-                                          scaling, bias, mn, xd, inv_keep, save_z, lead)
+    out = _call("fused_linear", x, *weight.tensors, weight.meta, weight.offset, xa, lora_B, scaling, bias, mn,
+                xd, inv_keep, save_z, lead)
     return (out[0], out[1]) if save_z else out[0]
 
 
 def fused_linear_dx(dy, weight: WeightOperands, gb, lora_A, scaling, *, col_scale=None, second_scale=None,
-              dropout=0.0, seed=None, out_dtype=None):
-    return torch.ops.peft_ops.fused_linear_dx(dy, *weight.tensors, weight.meta, weight.offset, gb, lora_A,
-                                              scaling, col_scale, second_scale, dropout, seed,
-                                              out_dtype or dy.dtype)
+                    dropout=0.0, seed=None, out_dtype=None):
+    return _call("fused_linear_dx", dy, *weight.tensors, weight.meta, weight.offset, gb, lora_A, scaling,
+                 col_scale, second_scale, dropout, seed, out_dtype or dy.dtype)
 
 
 def outer_reduce(lhs, rhs, *, dropout=0.0, seed=None):
-    return torch.ops.peft_ops.outer_reduce(lhs, rhs, dropout, seed)
+    return _call("outer_reduce", lhs, rhs, dropout, seed)
 
 
 def row_norm(weight: WeightOperands, lora_A, lora_B, scaling):
-    return torch.ops.peft_ops.row_norm(*weight.tensors, weight.meta, weight.offset, lora_A, lora_B, scaling)
+    return _call("row_norm", *weight.tensors, weight.meta, weight.offset, lora_A, lora_B, scaling)
 
 
 def column_dot(a, b):
-    return torch.ops.peft_ops.column_dot(a, b)
+    return _call("column_dot", a, b)
