@@ -31,27 +31,35 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 
 
-def _mul_hi_lo(a: int, b: torch.Tensor):
-    """High and low 32 bits of a·b for a uint32 constant and a tensor of uint32 held in int64
-    (split in 16-bit halves so no product leaves int64)."""
-    t = a * (b & 0xFFFF)
-    mid = a * (b >> 16) + (t >> 16)
-    return mid >> 16, ((mid & 0xFFFF) << 16) | (t & 0xFFFF)
+_CHUNK = 1 << 15   # elements per pass: the ten rounds' temporaries stay in cache
+
+
+def _philox_rounds(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """First 32-bit output of Philox4x32-10 (Triton's `randint`) for int64 `offsets`, as int32.
+
+    uint32 words are held in int64. An int64 product of two such words wraps modulo 2⁶⁴, which
+    leaves exactly the 64 bits of the unsigned product: the high word is bits 32..63."""
+    c0, c1 = offsets & _MASK32, (offsets >> 32) & _MASK32
+    c2, c3 = torch.zeros_like(offsets), torch.zeros_like(offsets)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        prod_b = c2.mul_(_ROUND_B)        # c2 is not needed past this product
+        prod_a = c0 * _ROUND_A
+        c0 = (prod_b >> 32).bitwise_and_(_MASK32).bitwise_xor_(c1).bitwise_xor_(k0)
+        c2 = (prod_a >> 32).bitwise_and_(_MASK32).bitwise_xor_(c3).bitwise_xor_(k1)
+        c1, c3 = prod_b.bitwise_and_(_MASK32), prod_a.bitwise_and_(_MASK32)
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return c0.to(torch.int32)   # the low 32 bits, reinterpreted as signed
 
 
 def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """fp32 U[0, 1) equal bit for bit to `tl.rand(seed, offsets)` for int64 `offsets`."""
-    c0, c1 = offsets & _MASK32, (offsets >> 32) & _MASK32
-    c2 = c3 = torch.zeros_like(offsets)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(10):
-        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # as int32
-    x = torch.where(x < 0, -x - 1, x)
-    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+    flat = offsets.reshape(-1)
+    x = torch.cat([_philox_rounds(seed, flat[i:i + _CHUNK]) for i in range(0, flat.numel(), _CHUNK)]
+                  or [flat.new_empty(0, dtype=torch.int32)])
+    x = torch.where(x < 0, ~x, x)
+    u = x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=x.device)
+    return u.reshape(offsets.shape)
 
 
 def dropout_scale(seed: int, shape, p: float, device) -> torch.Tensor:
