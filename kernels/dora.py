@@ -42,7 +42,7 @@ def _row_norm_kernel(
                     mask=mask_r[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
         v = w + scaling * tl.dot(b, a, input_precision="ieee")
         sumsq += tl.sum(v * v, axis=1)
-    tl.store(out_ptr + offs_n, tl.sqrt(sumsq), mask=mask_n)
+    tl.store(out_ptr + offs_n, tl.sqrt_rn(sumsq), mask=mask_n)   # correctly rounded, as torch
 
 
 @triton.jit

@@ -43,7 +43,7 @@ def weight_tile(w_ptr, stride_wn, stride_wk,
                      rows, mask_rows, k0, K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, EVEN_K, BLOCK_K)
         w = round_to(w, ROUND, BITWISE_BF16)
     else:
-        cols = k0 + tl.arange(0, BLOCK_K)
+        cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask = mask_rows[:, None] & (cols < K)[None, :]
         w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
         w = w.to(tl.float32)
@@ -120,7 +120,7 @@ def _lora_shrink_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_begin = pid_s * k_per_split
     for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask_k = offs_k < K
         mask = mask_m[:, None] & mask_k[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
@@ -153,7 +153,7 @@ def _fused_linear_kernel(
     stride_ym, stride_ps,
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ROUND: tl.constexpr,
-    BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -172,7 +172,7 @@ def _fused_linear_kernel(
     acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_s * k_per_split
     for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask_x = mask_m[:, None] & (offs_k < K)[None, :]
         w = weight_tile(w_ptr, stride_wn, stride_wk,
                         packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
@@ -180,10 +180,10 @@ def _fused_linear_kernel(
                         EVEN_K, ROUND, BITWISE_BF16, BLOCK_K)
         wt = tl.trans(w.to(DOT_DTYPE))
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_x, other=0.0)
-        acc += tl.dot(x.to(DOT_DTYPE), wt)
+        acc += tl.dot(x.to(DOT_DTYPE), wt, input_precision=DOT_PRECISION)
         if SECOND:
             xd = tl.load(xd_ptr + offs_m[:, None] * stride_xdm + offs_k[None, :], mask=mask_x, other=0.0)
-            acc_d += tl.dot(xd.to(DOT_DTYPE), wt)
+            acc_d += tl.dot(xd.to(DOT_DTYPE), wt, input_precision=DOT_PRECISION)
 
     if SPLIT_K == 1:
         _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
@@ -235,7 +235,7 @@ def _fused_linear_dx_kernel(
     seed, p, inv_keep,
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ROUND: tl.constexpr,
-    BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SCALE_DY: tl.constexpr, SECOND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -254,23 +254,23 @@ def _fused_linear_dx_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_n = offs_n < N
         w = weight_tile(w_ptr, stride_wn, stride_wk,
                         packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
-                        offs_n.to(tl.int64), mask_n, k0, K, IS_NF4, BLOCKSIZE, DOUBLE_QUANT,
+                        offs_n, mask_n, k0, K, IS_NF4, BLOCKSIZE, DOUBLE_QUANT,
                         NESTED_BLOCKSIZE, EVEN_K, ROUND, BITWISE_BF16, BLOCK_K)
         w = w.to(DOT_DTYPE)
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         if SCALE_DY:
             c = tl.load(c_ptr + offs_n, mask=mask_n, other=0.0)
-            acc += tl.dot((dy.to(tl.float32) * c[None, :]).to(DOT_DTYPE), w)
+            acc += tl.dot((dy.to(tl.float32) * c[None, :]).to(DOT_DTYPE), w, input_precision=DOT_PRECISION)
         else:
-            acc += tl.dot(dy.to(DOT_DTYPE), w)
+            acc += tl.dot(dy.to(DOT_DTYPE), w, input_precision=DOT_PRECISION)
         if SECOND:
             c2 = tl.load(c2_ptr + offs_n, mask=mask_n, other=0.0)
-            acc2 += tl.dot((dy.to(tl.float32) * c2[None, :]).to(DOT_DTYPE), w)
+            acc2 += tl.dot((dy.to(tl.float32) * c2[None, :]).to(DOT_DTYPE), w, input_precision=DOT_PRECISION)
 
     offs_r = tl.arange(0, BLOCK_R)
     gb = tl.load(gb_ptr + offs_m[:, None] * stride_gbm + offs_r[None, :],
@@ -355,6 +355,13 @@ def _gemm_weight_args(weight, x_dtype):
     return weight_args(weight, x_dtype if interpreting() else None)
 
 
+def _dot_args(dtype):
+    # fp32 operands get full fp32 products ("ieee"), as torch's fp32 matmul does by default;
+    # Triton's own default for fp32 is TF32. 16-bit operands ignore the setting.
+    dot = dot_dtype(dtype)
+    return dict(DOT_DTYPE=dot, DOT_PRECISION="ieee" if dot == tl.float32 else "tf32")
+
+
 def _gemm_config(M: int, N: int, K: int):
     """Tile sizes and split-K for the fused GEMMs, keyed on the problem shape."""
     if interpreting():
@@ -368,13 +375,18 @@ def _gemm_config(M: int, N: int, K: int):
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _split_k(M: int, N: int, K: int, cfg, device) -> int:
     """Split K when the output tiles alone cannot fill the GPU (decode-sized M)."""
     if interpreting() or M > 64:
         return 1
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, cfg["BLOCK_K"]), 32))
+    return max(1, min(triton.cdiv(2 * _sm_count(device), tiles), triton.cdiv(K, cfg["BLOCK_K"]), 32))
 
 
 def _launch_opts(cfg):
@@ -390,7 +402,10 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
     BLOCK_M = min(64, _pow2(M)) if interpreting() else (16 if M <= 16 else 64)
     BLOCK_K = min(128, _pow2(K)) if interpreting() else 64
     if split_k is None:
-        split_k = 1 if interpreting() or M > 256 else max(1, min(triton.cdiv(K, 4 * BLOCK_K), 32))
+        # Few row tiles (M up to a few thousand) would leave most SMs idle: split K as well.
+        row_tiles = triton.cdiv(M, BLOCK_M)
+        split_k = 1 if interpreting() else max(1, min(triton.cdiv(2 * _sm_count(x.device), row_tiles),
+                                                      triton.cdiv(K, 4 * BLOCK_K), 32))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     split_k = triton.cdiv(K, k_per_split)
     out = torch.empty((split_k, M, R), dtype=torch.float32, device=x.device)
@@ -444,7 +459,7 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
         x.stride(0), x.stride(1), xd.stride(0) if second else 0, wa["stride_wn"], wa["stride_wk"],
         xa.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0),
         part.stride(0) if split_k > 1 else 0,
-        **wa["meta"], DOT_DTYPE=dot_dtype(x.dtype), **flags,
+        **wa["meta"], **_dot_args(x.dtype), **flags,
         SPLIT_K=split_k,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=BLOCK_R,
         GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg),
@@ -481,7 +496,7 @@ def fused_linear_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_s
         dy.stride(0), dy.stride(1), wa["stride_wn"], wa["stride_wk"], gb.stride(0),
         lora_A.stride(0), lora_A.stride(1), dx.stride(0),
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
-        **wa["meta"], DOT_DTYPE=dot_dtype(out_dtype),
+        **wa["meta"], **_dot_args(out_dtype),
         SCALE_DY=col_scale is not None, SECOND=second_scale is not None, DROPOUT=dropout > 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=_pow2(R),
         GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg),
@@ -499,7 +514,8 @@ def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, split_m=None):
         BLOCK_M, BLOCK_P, BLOCK_Q = 64, min(64, _pow2(P)), min(64, _pow2(Q))
     tiles = triton.cdiv(P, BLOCK_P) * triton.cdiv(Q, BLOCK_Q)
     if split_m is None:
-        split_m = 1 if interpreting() else max(1, min(triton.cdiv(264, tiles), triton.cdiv(M, 4 * BLOCK_M)))
+        split_m = 1 if interpreting() else max(1, min(triton.cdiv(2 * _sm_count(lhs.device), tiles),
+                                                      triton.cdiv(M, 4 * BLOCK_M)))
     m_per_split = triton.cdiv(triton.cdiv(M, split_m), BLOCK_M) * BLOCK_M
     split_m = triton.cdiv(M, m_per_split)
     out = torch.empty((split_m, P, Q), dtype=torch.float32, device=lhs.device)
