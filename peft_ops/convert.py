@@ -141,8 +141,12 @@ def add_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_dor
     if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
 
+    # Freeze everything but the adapters (those of an earlier add_lora call keep training).
+    adapters = {id(p) for layer in model.modules() if isinstance(layer, LoraLinear)
+                for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector) if p is not None}
     for p in model.parameters():
-        p.requires_grad_(False)
+        if id(p) not in adapters:
+            p.requires_grad_(False)
     for name, module, rank, alpha in plan:
         base = module
         if quantize == "nf4" and not isinstance(base, NF4Linear) and not is_bnb_linear4bit(base):

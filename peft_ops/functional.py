@@ -139,6 +139,9 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout):
         if weight.dtype != x.dtype:
             raise TypeError(f"weight: dense weight dtype {weight.dtype} must equal x's dtype {x.dtype} "
                             "(quantize it to an NF4Weight to mix dtypes)")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("weight: the base weight is frozen in lora_linear (it gets no gradient), but "
+                             "it requires grad; call weight.requires_grad_(False) or train it elsewhere")
         w_device = weight.device
     elif all(hasattr(weight, a) for a in ("packed", "shape", "blocksize", "dequantize")):
         w_device = weight.packed.device
@@ -219,7 +222,15 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
         seed = int(seed)
     x2 = x.reshape(-1, K)
     if x2.shape[0] == 0:
-        return x.new_zeros(*x.shape[:-1], N) + (0 if bias is None else bias.to(x.dtype))
+        # Nothing to compute, but every input stays in the graph (with zero gradients), so an
+        # empty batch (an expert with no tokens) neither breaks backward nor leaves DDP an
+        # unused parameter.
+        inputs = [t for t in (x2, lora_A, lora_B, magnitude, bias) if t is not None]
+        anchor = sum(t.sum() for t in inputs) * 0
+        y = x.new_zeros(*x.shape[:-1], N) + anchor.to(x.dtype)
+        return y if bias is None else y + bias.to(x.dtype)
+    if bias is not None:
+        bias = bias.contiguous()   # the epilogue reads it with unit stride (N elements)
     tensors, meta, offset = lib.weight_operands(weight)
     lead = tuple(x.shape[:-1])   # y comes out [*lead, N], its own tensor (not a view of [M, N])
     if magnitude is None:

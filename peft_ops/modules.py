@@ -245,11 +245,16 @@ class NF4Linear(nn.Module):
 
     @property
     def device(self):
+        """Device of the NF4 bytes."""
         return self.nf4_packed.device
 
     def forward(self, x):
+        """`x Wᵀ + bias` through the fused NF4 GEMM (W decoded in registers, never materialised):
+        the fused op with a zero rank-1 adapter, whose cost is a rank-16 tile in the epilogue."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.dequantize(x.dtype), bias)
+        zero_A = torch.zeros(1, self.in_features, dtype=torch.float32, device=x.device)
+        zero_B = torch.zeros(self.out_features, 1, dtype=torch.float32, device=x.device)
+        return lora_linear(x, self.weight, zero_A, zero_B, 0.0, bias=bias)
 
     def _apply(self, fn, recurse=True):
         # Move the NF4 tensors by probing where `fn` sends a tensor on the weight's device; dtype casts
@@ -314,7 +319,8 @@ class LoraLinear(nn.Module):
     Args:
         base_layer: an `nn.Linear`, a `peft_ops.NF4Linear`, a bitsandbytes NF4 `Linear4bit`, or a
             transformers `Conv1D` (stored transposed; handled as `fan_in_fan_out`). Kept as the
-            submodule `base_layer`, frozen by the caller (see `add_lora`).
+            submodule `base_layer`; its weight is frozen here (the fused op trains adapters
+            only), its bias keeps its `requires_grad`.
         r: rank (positive int).
         lora_alpha: scaling numerator: `s = lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
         lora_dropout: dropout probability on the LoRA input, in [0, 1).
@@ -358,6 +364,8 @@ class LoraLinear(nn.Module):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
 
         self.base_layer = base_layer
+        if isinstance(getattr(base_layer, "weight", None), nn.Parameter):
+            base_layer.weight.requires_grad_(False)
         self.in_features, self.out_features = base_in_out_features(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.r = r
@@ -398,9 +406,12 @@ class LoraLinear(nn.Module):
 
     @property
     def bias(self):
+        """The base layer's bias (or None)."""
         return self.base_layer.bias
 
     def forward(self, x):
+        """`base(x) + s·(drop(x) Aᵀ) Bᵀ` (LoRA) or PEFT's DoRA output, through the fused op;
+        the base alone once merged."""
         if self.merged:
             return self.base_layer(x)
         return fused_lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling,

@@ -92,8 +92,8 @@ def tiny_model(dropout=0.0):
                 p.normal_(0, 0.2)
             elif "magnitude" in name:
                 p.mul_(1.3)
-            # add_lora's second call froze the first call's adapters
-            p.requires_grad_(name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_magnitude_vector"))
+    for name, p in model.named_parameters():   # the second add_lora keeps the first one's adapters trainable
+        assert p.requires_grad == (name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_magnitude_vector")), name
     return model
 
 

@@ -137,7 +137,8 @@ small_k = st.sampled_from([2, 16, 31, 64, 66, 97])
 @st.composite
 def cases(draw):
     dtype = draw(dtypes)
-    lead = draw(st.sampled_from([(1,), (3,), (17,), (64,), (2, 5), (3, 1, 7)]))
+    # 130 rows = 3 row tiles of 64, so the grouped tile order and edge tiles are exercised too.
+    lead = draw(st.sampled_from([(1,), (3,), (17,), (64,), (130,), (2, 5), (3, 1, 7)]))
     nf4 = draw(st.booleans())
     return dict(
         lead=lead, N=draw(dims), K=draw(small_k), r=draw(st.sampled_from([1, 2, 3, 8, 16, 33, 64])),
@@ -348,8 +349,32 @@ def test_bad_inputs():
         peft_ops.lora_linear(x, W, A.to("meta"), B, 1.0)
 
 
-def test_empty_batch():
-    x = torch.randn(0, 3, 8)
-    y = peft_ops.lora_linear(x, torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2), 1.0,
-                             bias=torch.ones(6))
+def test_empty_batch_stays_in_the_graph():
+    # An expert that receives no tokens: output [0, ..., N], and backward gives zero gradients
+    # (not None) to every adapter, so DDP sees no unused parameter.
+    x = torch.randn(0, 3, 8, requires_grad=True)
+    A, B, m = (torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True),
+               torch.rand(6, requires_grad=True))
+    y = peft_ops.lora_linear(x, torch.randn(6, 8), A, B, 1.0, bias=torch.ones(6), magnitude=m)
     assert y.shape == (0, 3, 6)
+    y.sum().backward()
+    for t in (x, A, B, m):
+        assert t.grad is not None and not t.grad.any()
+
+
+def test_strided_bias(backend):
+    # A bias that is a strided view (every other element of a buffer) must be read by its strides.
+    gen = torch.Generator().manual_seed(2)
+    x, W = torch.randn(5, 16, generator=gen), torch.randn(9, 16, generator=gen)
+    A, B = torch.randn(2, 16, generator=gen), torch.randn(9, 2, generator=gen)
+    bias = torch.randn(18, generator=gen)[::2]
+    y = peft_ops.lora_linear(x, W, A, B, 1.0, bias=bias)
+    torch.testing.assert_close(y, peft_ops.lora_linear(x, W, A, B, 1.0, bias=bias.contiguous()))
+
+
+def test_trainable_dense_weight_is_refused():
+    W = torch.randn(6, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="weight: the base weight is frozen"):
+        peft_ops.lora_linear(torch.randn(4, 8), W, torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    with torch.no_grad():   # inference with a trainable tensor is fine
+        peft_ops.lora_linear(torch.randn(4, 8), W, torch.randn(2, 8), torch.randn(6, 2), 1.0)
