@@ -105,23 +105,33 @@ def base_weight_nk(base):
 
 
 def fused_lora_linear(x, base, lora_A, lora_B, scaling, magnitude, dropout, training):
-    """`lora_linear` over `base`, honouring autocast the way the unfused layers would.
+    """`lora_linear` over `base`, in the dtype the unfused layers would compute in.
 
     Under autocast, `nn.Linear` computes in the autocast dtype; so does one fused call (a dense
-    weight is cast like autocast casts it). bitsandbytes returns its input's dtype instead.
+    weight is cast like autocast casts it). A bitsandbytes `Linear4bit` with a `compute_dtype`
+    casts its input to it (fp32 activations, as `prepare_model_for_kbit_training` leaves them,
+    run a bf16 GEMM) and returns its input's dtype; so does the fused call — which then feeds the
+    adapter the compute-dtype input too (PEFT feeds it the fp32 one: a difference of one bf16
+    rounding of x in the adapter path).
     """
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return lora_linear(x, base_weight_nk(base), lora_A, lora_B, scaling, bias=base.bias,
-                           magnitude=magnitude, dropout=dropout, training=training)
-    dtype = torch.get_autocast_dtype(device_type)
     weight = base_weight_nk(base)
+    bnb = is_bnb_linear4bit(base)
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    elif bnb and getattr(base, "compute_dtype", None) is not None:
+        dtype = base.compute_dtype
+    else:
+        dtype = x.dtype
+    if dtype == x.dtype and not torch.is_autocast_enabled(device_type):
+        return lora_linear(x, weight, lora_A, lora_B, scaling, bias=base.bias, magnitude=magnitude,
+                           dropout=dropout, training=training)
     if isinstance(weight, torch.Tensor):
         weight = weight.to(dtype)
     with torch.autocast(device_type, enabled=False):
         y = lora_linear(x.to(dtype), weight, lora_A, lora_B, scaling, bias=base.bias, magnitude=magnitude,
                         dropout=dropout, training=training)
-    return y.to(x.dtype) if is_bnb_linear4bit(base) else y
+    return y.to(x.dtype) if bnb else y
 
 
 # --- NF4Linear -----------------------------------------------------------------------------------

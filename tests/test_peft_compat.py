@@ -361,3 +361,35 @@ def test_dropout_in_training_only(use_dora):
     assert not torch.allclose(first, eval_logits)  # the dropout is applied ...
     torch.testing.assert_close(first, again)  # ... with masks drawn from torch's RNG (reproducible)
     assert not torch.allclose(first, other)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_bnb_compute_dtype_with_fp32_activations(use_dora):
+    # prepare_model_for_kbit_training leaves activations in fp32 while each Linear4bit computes
+    # in its compute_dtype (bf16): the fused call must run its GEMM in bf16 too (not a slow fp32
+    # GEMM with different numbers) and hand back fp32.
+    def build():
+        model = llama(0, torch.float32, layers=1)
+        _to_bnb_nf4(model, torch.bfloat16)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=LINEARS, use_dora=use_dora, init_lora_weights=False)
+        return get_peft_model(model, config)
+
+    theirs, ours = build(), build()   # the same seeds: the same weights and adapters
+    peft_ops.from_peft(ours)
+    dtypes = []
+    real = peft_ops.modules.lora_linear
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(peft_ops.modules, "lora_linear", lambda x, *a, **k: dtypes.append(x.dtype) or real(x, *a, **k))
+        ids, labels = batch()
+        logits, _, grads = loss_and_grads(ours, ids, labels)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    ref_logits, _, ref_grads = loss_and_grads(theirs, ids, labels)
+    assert logits.dtype == ref_logits.dtype == torch.float32
+    # Both run the base GEMM on bf16 operands; we also feed the adapter the bf16 input and round
+    # the layer output to bf16 once (PEFT adds an fp32 adapter output to a bf16-valued base): a
+    # few bf16 ulps (2^-8 = 3.9e-3) per layer, hence 2e-2.
+    torch.testing.assert_close(logits, ref_logits, atol=2e-2, rtol=2e-2)
+    for name in ref_grads:
+        scale = ref_grads[name].abs().max()
+        err = (grads[name] - ref_grads[name]).abs().max()
+        assert err <= 3e-2 * scale, f"{name}: {err} vs {scale}"
