@@ -17,7 +17,9 @@ from .suite import read_csv
 def _shape(r):
     if r["op"] == "nf4_dequantize":
         return f"N{r['N']} K{r['K']}"
-    return f"M{r['M']} N{r['N']}\nK{r['K']} r{r['r']}"
+    label = f"M{r['M']} N{r['N']}\nK{r['K']} r{r['r']}"
+    # Cases that differ only in dropout are different bars, not one bar drawn twice.
+    return label + (f" p={r['dropout']}" if float(r.get("dropout") or 0) else "")
 
 
 def _grouped_bars(ax, groups, series, values, errs=None, log=False):
