@@ -37,11 +37,13 @@ def _bnb_linear4bit_type():
 
 
 def is_conv1d(module):
+    """True for a transformers `Conv1D` (GPT-2 style, weight stored `[in, out]`)."""
     conv1d = _conv1d_type()
     return conv1d is not None and isinstance(module, conv1d)
 
 
 def is_bnb_linear4bit(module):
+    """True for a bitsandbytes `Linear4bit` (when bitsandbytes is installed)."""
     linear4bit = _bnb_linear4bit_type()
     return linear4bit is not None and isinstance(module, linear4bit)
 
@@ -86,6 +88,7 @@ def nf4_of_bnb(module):
 
 
 def base_in_out_features(base):
+    """(in_features, out_features) of a supported base layer."""
     if is_conv1d(base):
         in_features, out_features = base.weight.shape
         return in_features, out_features
@@ -512,6 +515,7 @@ class LoraLinear(nn.Module):
 
 
 def base_device(base):
+    """Device the base layer's weight lives on."""
     if isinstance(base, NF4Linear):
         return base.device
     return base.weight.device

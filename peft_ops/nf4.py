@@ -422,6 +422,7 @@ class NF4Weight:
 
     @property
     def device(self) -> torch.device:
+        """Device of the packed bytes (all tensors live together)."""
         return self.packed.device
 
     @property
