@@ -194,10 +194,10 @@ def test_eval_ignores_dropout(backend):
 
 def test_deterministic(backend):
     gen = torch.Generator().manual_seed(1)
-    W = peft_ops.NF4Weight.quantize(torch.randn(40, 96, generator=gen))
-    x = torch.randn(3, 11, 96, generator=gen)
-    A, B = torch.randn(8, 96, generator=gen), torch.randn(40, 8, generator=gen)
-    m, b = torch.rand(40, generator=gen), torch.randn(40, generator=gen)
+    W = peft_ops.NF4Weight.quantize(torch.randn(40, 96, generator=gen).to(DEVICE))
+    x = torch.randn(3, 11, 96, generator=gen).to(DEVICE)
+    A, B = torch.randn(8, 96, generator=gen).to(DEVICE), torch.randn(40, 8, generator=gen).to(DEVICE)
+    m, b = torch.rand(40, generator=gen).to(DEVICE), torch.randn(40, generator=gen).to(DEVICE)
 
     def once():
         leaves = [t.clone().requires_grad_() for t in (x, A, B, m, b)]
@@ -247,10 +247,10 @@ def test_triton_kernels_run_under_interpreter(monkeypatch):
 def test_split_k_paths_match_single_pass(dora):
     # The GPU picks split-K for decode-sized M; force it here so the interpreter covers it.
     gen = torch.Generator().manual_seed(5)
-    W = peft_ops.NF4Weight.quantize(torch.randn(48, 200, generator=gen))
-    x = torch.randn(3, 200, generator=gen)
-    A, B = torch.randn(5, 200, generator=gen), torch.randn(48, 5, generator=gen)
-    mn = torch.rand(48, generator=gen) if dora else None
+    W = peft_ops.NF4Weight.quantize(torch.randn(48, 200, generator=gen).to(DEVICE))
+    x = torch.randn(3, 200, generator=gen).to(DEVICE)
+    A, B = torch.randn(5, 200, generator=gen).to(DEVICE), torch.randn(48, 5, generator=gen).to(DEVICE)
+    mn = torch.rand(48, generator=gen).to(DEVICE) if dora else None
     xd = torch.where(x > 0, x, 0.0) if dora else None
     xa1 = klora.lora_shrink(x, A, split_k=1)
     xa3 = klora.lora_shrink(x, A, split_k=3)
