@@ -9,7 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import store_dtype
 
 
 @triton.jit

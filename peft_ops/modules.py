@@ -8,7 +8,6 @@ The math lives in `peft_ops.functional.lora_linear`; these modules only pick the
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .functional import dora_row_norm, lora_linear
