@@ -55,3 +55,26 @@ def test_no_top_level_kernels_is_installed(probe):
     assert not [f for f in found["dist_files"] if f.split("/")[0] == "kernels"], \
         "the peft-ops distribution installs a top-level kernels/ directory"
     assert "kernels" not in (found["top_level_txt"] or "").split(), found["top_level_txt"]
+
+
+def test_plain_wheel_install(tmp_path):
+    # A plain (non-editable) install: build the wheel, install it into an empty target and import
+    # it from outside the repository with only that target on the path.
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(wheel_dir), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    wheel = next(wheel_dir.glob("peft_ops-*.whl"))
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                              "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+    assert not (target / "kernels").exists()
+    check = ("import importlib.util, peft_ops.kernels.nf4 as k, peft_ops.kernels.lora; "
+             "print(k.__file__); print(importlib.util.find_spec('kernels') is None)")
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    path, no_top_level = result.stdout.split()
+    assert pathlib.Path(path).is_relative_to(target / "peft_ops" / "kernels")
+    assert no_top_level == "True"
