@@ -21,7 +21,7 @@ def _row_norm_kernel(
     N, K, R,
     stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ROUND: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED_K: tl.constexpr, ROUND: tl.constexpr,
     BITWISE_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -37,7 +37,7 @@ def _row_norm_kernel(
         w = weight_tile(w_ptr, stride_wn, stride_wk,
                         packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
                         offs_n, mask_n, k0, K, IS_NF4, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE,
-                        EVEN_K, ROUND, BITWISE_BF16, BLOCK_K)
+                        EVEN_K, ALIGNED_K, ROUND, BITWISE_BF16, BLOCK_K)
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
         v = w + scaling * tl.dot(b, a, input_precision="ieee")

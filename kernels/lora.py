@@ -35,12 +35,12 @@ def weight_tile(w_ptr, stride_wn, stride_wk,
                 packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
                 rows, mask_rows, k0, K,
                 IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ROUND: tl.constexpr,
+                NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED_K: tl.constexpr, ROUND: tl.constexpr,
                 BITWISE_BF16: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 tile W[rows, k0:k0+BLOCK_K], from NF4 bytes or a dense tensor; zero where masked."""
     if IS_NF4:
         w = nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
-                     rows, mask_rows, k0, K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, EVEN_K, BLOCK_K)
+                     rows, mask_rows, k0, K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, EVEN_K, ALIGNED_K, BLOCK_K)
         w = round_to(w, ROUND, BITWISE_BF16)
     else:
         cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
@@ -152,7 +152,7 @@ def _fused_linear_kernel(
     stride_xm, stride_xk, stride_xdm, stride_wn, stride_wk, stride_xam, stride_bn, stride_br,
     stride_ym, stride_ps,
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ROUND: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED_K: tl.constexpr, ROUND: tl.constexpr,
     BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -177,7 +177,7 @@ def _fused_linear_kernel(
         w = weight_tile(w_ptr, stride_wn, stride_wk,
                         packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
                         offs_n, mask_n, k0, K, IS_NF4, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE,
-                        EVEN_K, ROUND, BITWISE_BF16, BLOCK_K)
+                        EVEN_K, ALIGNED_K, ROUND, BITWISE_BF16, BLOCK_K)
         wt = tl.trans(w.to(DOT_DTYPE))
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_x, other=0.0)
         acc += tl.dot(x.to(DOT_DTYPE), wt, input_precision=DOT_PRECISION)
@@ -234,7 +234,7 @@ def _fused_linear_dx_kernel(
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_gbm, stride_ar, stride_ak, stride_dxm,
     seed, p, inv_keep,
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ROUND: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED_K: tl.constexpr, ROUND: tl.constexpr,
     BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SCALE_DY: tl.constexpr, SECOND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -259,7 +259,7 @@ def _fused_linear_dx_kernel(
         w = weight_tile(w_ptr, stride_wn, stride_wk,
                         packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
                         offs_n, mask_n, k0, K, IS_NF4, BLOCKSIZE, DOUBLE_QUANT,
-                        NESTED_BLOCKSIZE, EVEN_K, ROUND, BITWISE_BF16, BLOCK_K)
+                        NESTED_BLOCKSIZE, EVEN_K, ALIGNED_K, ROUND, BITWISE_BF16, BLOCK_K)
         w = w.to(DOT_DTYPE)
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
@@ -340,12 +340,13 @@ def weight_args(weight, round_dtype=None):
         return dict(w=weight, stride_wn=weight.stride(0), stride_wk=weight.stride(1),
                     stats=(weight, weight, weight, weight, 0.0, weight),
                     meta=dict(IS_NF4=False, BLOCKSIZE=64, DOUBLE_QUANT=False, NESTED_BLOCKSIZE=256,
-                              EVEN_K=True, ROUND=0, BITWISE_BF16=False))
+                              EVEN_K=True, ALIGNED_K=False, ROUND=0, BITWISE_BF16=False))
     absmax, nested, nested_code, offset, code, dq, nbs = stats_args(weight)
     return dict(w=weight.packed, stride_wn=0, stride_wk=0,
                 stats=(weight.packed, absmax, nested, nested_code, offset, code),
                 meta=dict(IS_NF4=True, BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nbs,
-                          EVEN_K=weight.shape[1] % 2 == 0, ROUND=_ROUND[round_dtype],
+                          EVEN_K=weight.shape[1] % 2 == 0,
+                          ALIGNED_K=weight.shape[1] % weight.blocksize == 0, ROUND=_ROUND[round_dtype],
                           BITWISE_BF16=interpreting()))
 
 

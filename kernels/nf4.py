@@ -45,12 +45,14 @@ def nf4_scale(block, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offse
 def nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
              rows, mask_rows, k0, K,
              BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-             EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+             EVEN_K: tl.constexpr, ALIGNED_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 tile W[rows, k0:k0+BLOCK_K] of an NF4 weight with K columns (zero where masked).
 
     `rows` are int64 row indices and `k0` a multiple of BLOCK_K. With K even every row starts
     on a byte boundary, so the tile is read as BLOCK_K/2 whole bytes a row and the two nibbles
     are interleaved in registers; with K odd rows straddle bytes and each element finds its own.
+    With K a multiple of BLOCKSIZE (ALIGNED_K, every Llama projection) and BLOCK_K dividing it,
+    each row of the tile has one scale, decoded once instead of once an element.
     """
     cols = k0 + tl.arange(0, BLOCK_K)
     mask = mask_rows[:, None] & (cols < K)[None, :]
@@ -65,8 +67,14 @@ def nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
         byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
         nibble = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
     value = tl.load(code_ptr + nibble)
-    scale = nf4_scale(flat // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                      DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    if ALIGNED_K and BLOCKSIZE % BLOCK_K == 0:
+        # Rows hold whole quantization blocks and the tile sits inside one: one scale a row.
+        block = rows * (K // BLOCKSIZE) + k0 // BLOCKSIZE
+        scale = nf4_scale(block, mask_rows, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                          DOUBLE_QUANT, NESTED_BLOCKSIZE)[:, None]
+    else:
+        scale = nf4_scale(flat // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                          DOUBLE_QUANT, NESTED_BLOCKSIZE)
     return tl.where(mask, value * scale, 0.0)
 
 

@@ -72,16 +72,16 @@ def case(fn):
 
 FORWARD_CASES = [
     # training tile, bf16, NF4, DoRA with dropout (second accumulator), bias, z saved
-    dict(consts=dict(**NF4_META, EVEN_K=True, **BF16_DOT, DORA=True, SECOND=True, HAS_BIAS=True, SAVE_Z=True,
+    dict(consts=dict(**NF4_META, EVEN_K=True, ALIGNED_K=True, **BF16_DOT, DORA=True, SECOND=True, HAS_BIAS=True, SAVE_Z=True,
                      SPLIT_K=1, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=16, GROUP_M=8),
          ptrs={**NF4_PTRS, **BF16_IO}, warps=8),
     # decode tile with split-K, fp32 activations on a dense weight, LoRA
-    dict(consts=dict(**dict(NF4_META, IS_NF4=False), EVEN_K=True, **FP32_DOT, DORA=False, SECOND=False,
+    dict(consts=dict(**dict(NF4_META, IS_NF4=False), EVEN_K=True, ALIGNED_K=False, **FP32_DOT, DORA=False, SECOND=False,
                      HAS_BIAS=False, SAVE_Z=False, SPLIT_K=4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BLOCK_R=64,
                      GROUP_M=1),
          ptrs={}, warps=4),
     # odd K (bytes straddle rows), fp16, single-quant NF4
-    dict(consts=dict(**dict(NF4_META, DOUBLE_QUANT=False), EVEN_K=False, DOT_DTYPE=tl.float16,
+    dict(consts=dict(**dict(NF4_META, DOUBLE_QUANT=False), EVEN_K=False, ALIGNED_K=False, DOT_DTYPE=tl.float16,
                      DOT_PRECISION="tf32", DORA=True, SECOND=False, HAS_BIAS=True, SAVE_Z=False, SPLIT_K=1,
                      BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_R=32, GROUP_M=8),
          ptrs={"w_ptr": "*u8", "packed_ptr": "*u8", "x_ptr": "*fp16", "y_ptr": "*fp16", "bias_ptr": "*fp16"},
@@ -102,7 +102,7 @@ def split_k_epilogue():
 
 def _dx(mode):
     compile_for_gpu(klora._fused_linear_dx_kernel,
-                    dict(**NF4_META, EVEN_K=True, **BF16_DOT, SCALE_DY=mode == "dora",
+                    dict(**NF4_META, EVEN_K=True, ALIGNED_K=True, **BF16_DOT, SCALE_DY=mode == "dora",
                          SECOND=mode == "dora-dropout", DROPOUT=mode == "dora-dropout",
                          BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, BLOCK_R=16, GROUP_M=8),
                     {**NF4_PTRS, **BF16_IO}, num_warps=8)
@@ -124,7 +124,7 @@ def rank_kernels():
 @case
 def dora_kernels():
     compile_for_gpu(kdora._row_norm_kernel,
-                    dict(**dict(NF4_META, ROUND=1), EVEN_K=True, BLOCK_N=32, BLOCK_K=128, BLOCK_R=16),
+                    dict(**dict(NF4_META, ROUND=1), EVEN_K=True, ALIGNED_K=False, BLOCK_N=32, BLOCK_K=128, BLOCK_R=16),
                     NF4_PTRS)
     compile_for_gpu(kdora._column_dot_kernel, dict(BLOCK_M=32, BLOCK_N=128), dict(a_ptr="*bf16", b_ptr="*bf16"))
 

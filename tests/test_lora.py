@@ -131,7 +131,7 @@ def assert_magnitude_grad_close(dm, dm_ref, x, weight, A, B, scaling, scale, dy,
 
 dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 dims = st.sampled_from([1, 2, 5, 16, 31, 33, 64, 67])
-small_k = st.sampled_from([2, 16, 31, 64, 66, 97])
+small_k = st.sampled_from([2, 16, 31, 64, 66, 97, 128])   # 64, 128: one NF4 scale a tile row
 
 
 @st.composite
@@ -179,6 +179,12 @@ def test_stride_zero_grad_3d(backend, nf4, dora):
 def test_nf4_rows_straddle_blocks(backend, K):
     run_case(lead=(5,), N=7, K=K, r=3, dtype=torch.bfloat16, adapter_dtype=torch.float32,
              nf4=True, dora=True, bias=False, p=0.0, blocksize=32)
+
+
+@pytest.mark.parametrize("blocksize", [64, 128])   # K a multiple of the block: one scale a tile row
+def test_nf4_row_aligned_blocks(backend, blocksize):
+    run_case(lead=(9,), N=19, K=256, r=4, dtype=torch.bfloat16, adapter_dtype=torch.float32,
+             nf4=True, dora=True, bias=True, p=0.1, blocksize=blocksize)
 
 
 def test_eval_ignores_dropout(backend):
