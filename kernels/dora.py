@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._config import interpreting
-from .lora import _pow2, weight_args, weight_tile
+from .lora import _nf4_blocksize, _pow2, _rank_block, rank_product, weight_args, weight_tile
 
 
 @triton.jit
@@ -27,10 +27,6 @@ def _row_norm_kernel(
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
     sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -38,9 +34,9 @@ def _row_norm_kernel(
                         packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
                         offs_n, mask_n, k0, K, IS_NF4, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE,
                         EVEN_K, ALIGNED_K, ROUND, BITWISE_BF16, BLOCK_K)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=mask_r[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-        v = w + scaling * tl.dot(b, a, input_precision="ieee")
+        # W + s·B A, the rank product in full fp32 as PEFT forms it
+        v = rank_product(w.to(tl.float32), b_ptr, stride_bn, stride_br, a_ptr, stride_ar, stride_ak, offs_n, offs_k,
+                         mask_n, offs_k < K, R, scaling, "ieee", BLOCK_R)
         sumsq += tl.sum(v * v, axis=1)
     tl.store(out_ptr + offs_n, tl.sqrt_rn(sumsq), mask=mask_n)   # correctly rounded, as torch
 
@@ -72,13 +68,17 @@ def row_norm(weight, lora_A, lora_B, scaling):
     K = lora_A.shape[1]
     wa = weight_args(weight, None if isinstance(weight, torch.Tensor) else weight.dtype)
     out = torch.empty(N, dtype=torch.float32, device=lora_A.device)
-    BLOCK_N = min(64, _pow2(N)) if interpreting() else 32
-    BLOCK_K = min(128, _pow2(K)) if interpreting() else 128
+    if interpreting():
+        BLOCK_N, BLOCK_K, num_warps = min(64, _pow2(N)), min(128, _pow2(K)), 4
+    else:
+        # A tile inside one quantization block decodes one scale a row (see nf4_tile).
+        blocksize = _nf4_blocksize(weight)
+        BLOCK_N, BLOCK_K, num_warps = 32, min(64, blocksize or 64), 8
     _row_norm_kernel[(triton.cdiv(N, BLOCK_N),)](
         wa["w"], *wa["stats"], lora_A, lora_B, scaling, out, N, K, R,
         wa["stride_wn"], wa["stride_wk"], lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), **wa["meta"],
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=_pow2(R), enable_fp_fusion=False,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=_rank_block(R, 32), num_warps=num_warps, enable_fp_fusion=False,
     )
     return out
 

@@ -11,10 +11,12 @@ Shapes (SPEC §3): x [M, K], W [N, K], A [r, K], B [N, r]; xa = drop(x) Aᵀ is 
               dA = s·gbᵀ drop(x),   dB = s·dyᵀ xa   (DoRA scales dB's rows by m/n afterwards)
 
 The weight tile is decoded from NF4 (or loaded dense) straight into registers; no dense copy of
-W is ever written. Accumulation is fp32. The rank-sized products (shrink, epilogue, dA, dB) run in
-full fp32 ("ieee"): they are r/K of the work and carry the fp32 adapter's precision, as PEFT does.
-Split reductions write fp32 partials that the launcher sums in a fixed order, so results are
-deterministic.
+W is ever written. Accumulation is fp32. The rank-sized products carry the fp32 adapter's
+precision, as PEFT's fp32 matmuls do: the shrink, dA and dB in "ieee" fp32 on the FMA units (they
+are r/K of the work), the epilogues' products in "tf32x3" on the tensor cores beside a 16-bit GEMM
+(fp32-accurate, and added straight into its accumulator) and in "ieee" beside an fp32 one. Every
+rank loop walks r in chunks of at most 32, so r = 256 costs time, not registers. Split reductions
+write fp32 partials that the launcher sums in a fixed order, so results are deterministic.
 """
 
 import torch
@@ -37,7 +39,8 @@ def weight_tile(w_ptr, stride_wn, stride_wk,
                 IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                 NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED_K: tl.constexpr, ROUND: tl.constexpr,
                 BITWISE_BF16: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 tile W[rows, k0:k0+BLOCK_K], from NF4 bytes or a dense tensor; zero where masked."""
+    """Tile W[rows, k0:k0+BLOCK_K], zero where masked: decoded from NF4 bytes to fp32, or loaded
+    from a dense tensor in its own dtype (no fp32 round trip for a 16-bit weight)."""
     if IS_NF4:
         w = nf4_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
                      rows, mask_rows, k0, K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, EVEN_K, ALIGNED_K, BLOCK_K)
@@ -46,7 +49,6 @@ def weight_tile(w_ptr, stride_wn, stride_wk,
         cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask = mask_rows[:, None] & (cols < K)[None, :]
         w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
-        w = w.to(tl.float32)
     return w
 
 
@@ -63,31 +65,55 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def rank_product(acc, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rn, offs_m, offs_n, mask_m, mask_n,
+                 R, scale, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + scale · L[offs_m, :R] · Rm[:R, offs_n] for an fp32 tile `acc`, accumulated in place.
+
+    The rank is walked in chunks of BLOCK_R, so any r fits in registers and shared memory. On
+    16-bit GEMMs PRECISION is "tf32x3": tensor cores at fp32 accuracy, accumulating straight
+    into the GEMM's accumulator instead of holding a second tile.
+    """
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        lhs = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                      mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        rhs = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn,
+                      mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(lhs * scale, rhs, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
                       xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling, inv_keep,
                       mn_ptr, bias_ptr, y_ptr, stride_ym, z_ptr, stride_zm, R,
                       DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SAVE_Z: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc = x Wᵀ (and acc_d = (keep ⊙ x) Wᵀ) for one [BLOCK_M, BLOCK_N] tile -> y (and z)."""
+                      SAVE_Z: tl.constexpr, RANK_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc = x Wᵀ (and acc_d = (keep ⊙ x) Wᵀ) for one [BLOCK_M, BLOCK_N] tile -> y (and z).
+
+    The LoRA term s·xa Bᵀ is added into an accumulator rather than formed beside it: y = acc + lora
+    (LoRA), z = acc + lora and y = (m/n) z (DoRA), and with dropout z = acc_d/(1-p) + lora and
+    y = (acc − acc_d/(1-p)) + (m/n) z, which is the form in the module docstring rearranged.
+    """
     mask_m = offs_m < M
     mask_n = offs_n < N
-    offs_r = tl.arange(0, BLOCK_R)
-    xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :],
-                 mask=mask_m[:, None] & (offs_r < R)[None, :], other=0.0)
-    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                mask=mask_n[:, None] & (offs_r < R)[None, :], other=0.0).to(tl.float32)
-    lora = tl.dot(xa, tl.trans(b), input_precision="ieee") * scaling
+    if DORA and SECOND:
+        acc_d = acc_d * inv_keep
+        acc = acc - acc_d
+        z = rank_product(acc_d, xa_ptr, stride_xam, 1, b_ptr, stride_br, stride_bn, offs_m, offs_n,
+                         mask_m, mask_n, R, scaling, RANK_PRECISION, BLOCK_R)
+    else:
+        z = rank_product(acc, xa_ptr, stride_xam, 1, b_ptr, stride_br, stride_bn, offs_m, offs_n,
+                         mask_m, mask_n, R, scaling, RANK_PRECISION, BLOCK_R)
     if DORA:
         mn = tl.load(mn_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         if SECOND:
-            acc_d = acc_d * inv_keep
-            z = acc_d + lora
-            y = acc + (mn - 1.0) * acc_d + mn * lora
+            y = acc + mn * z
         else:
-            z = acc + lora
             y = mn * z
     else:
-        y = acc + lora
+        y = z
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -110,11 +136,13 @@ def _lora_shrink_kernel(
     DROPOUT: tl.constexpr, WRITE_XD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[split] = drop(x)[:, split's K range] · A[:, same]ᵀ  in fp32; optionally writes keep ⊙ x."""
+    """out[split] = drop(x)[:, split's K range] · A[:, same]ᵀ in fp32, one chunk of BLOCK_R ranks
+    a program; optionally writes keep ⊙ x (the first rank chunk does)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
+    pid_r = tl.program_id(2)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -128,9 +156,10 @@ def _lora_shrink_kernel(
         if DROPOUT:
             d = dropout_scale(seed, offs_m[:, None] * K + offs_k[None, :], p, inv_keep)
             if WRITE_XD:
-                # keep ⊙ x, exact in x's dtype; the 1/(1-p) goes on the fp32 GEMM result.
-                tl.store(xd_ptr + offs_m[:, None] * stride_xdm + offs_k[None, :],
-                         tl.where(d > 0, x, 0.0).to(xd_ptr.dtype.element_ty), mask=mask)
+                if pid_r == 0:
+                    # keep ⊙ x, exact in x's dtype; the 1/(1-p) goes on the fp32 GEMM result.
+                    tl.store(xd_ptr + offs_m[:, None] * stride_xdm + offs_k[None, :],
+                             tl.where(d > 0, x, 0.0).to(xd_ptr.dtype.element_ty), mask=mask)
             x = x * d
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
@@ -154,6 +183,7 @@ def _fused_linear_kernel(
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED_K: tl.constexpr, ROUND: tl.constexpr,
     BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RANK_PRECISION: tl.constexpr,
     DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -189,7 +219,7 @@ def _fused_linear_kernel(
         _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
                           xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling, inv_keep,
                           mn_ptr, bias_ptr, y_ptr, stride_ym, z_ptr, stride_ym, R,
-                          DORA, SECOND, HAS_BIAS, SAVE_Z, BLOCK_R)
+                          DORA, SECOND, HAS_BIAS, SAVE_Z, RANK_PRECISION, BLOCK_R)
     else:
         mask = mask_m[:, None] & mask_n[None, :]
         tile = pid_s * stride_ps + offs_m[:, None] * N + offs_n[None, :]
@@ -204,6 +234,7 @@ def _split_k_epilogue_kernel(
     xa_ptr, b_ptr, mn_ptr, bias_ptr, scaling, inv_keep, y_ptr, z_ptr,
     M, N, R, stride_xam, stride_bn, stride_br, stride_ym, stride_ps,
     DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr,
+    RANK_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Sums the SPLIT_K partials in a fixed order, then applies the same epilogue."""
@@ -220,7 +251,7 @@ def _split_k_epilogue_kernel(
     _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
                       xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling, inv_keep,
                       mn_ptr, bias_ptr, y_ptr, stride_ym, z_ptr, stride_ym, R,
-                      DORA, SECOND, HAS_BIAS, SAVE_Z, BLOCK_R)
+                      DORA, SECOND, HAS_BIAS, SAVE_Z, RANK_PRECISION, BLOCK_R)
 
 
 @triton.jit
@@ -236,7 +267,7 @@ def _fused_linear_dx_kernel(
     IS_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED_K: tl.constexpr, ROUND: tl.constexpr,
     BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SCALE_DY: tl.constexpr, SECOND: tl.constexpr, DROPOUT: tl.constexpr,
+    RANK_PRECISION: tl.constexpr, SCALE_DY: tl.constexpr, SECOND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -272,17 +303,16 @@ def _fused_linear_dx_kernel(
             c2 = tl.load(c2_ptr + offs_n, mask=mask_n, other=0.0)
             acc2 += tl.dot((dy.to(tl.float32) * c2[None, :]).to(DOT_DTYPE), w, input_precision=DOT_PRECISION)
 
-    offs_r = tl.arange(0, BLOCK_R)
-    gb = tl.load(gb_ptr + offs_m[:, None] * stride_gbm + offs_r[None, :],
-                 mask=mask_m[:, None] & (offs_r < R)[None, :], other=0.0)
-    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                mask=(offs_r < R)[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-    inner = tl.dot(gb, a, input_precision="ieee") * scaling
-    if SECOND:
-        inner += acc2
+    # rank term s·gb A, added into the accumulator it joins
     if DROPOUT:
-        inner *= dropout_scale(seed, offs_m[:, None] * K + offs_k[None, :], p, inv_keep)
-    dx = acc + inner
+        inner = rank_product(acc2, gb_ptr, stride_gbm, 1, a_ptr, stride_ar, stride_ak, offs_m, offs_k,
+                             mask_m, mask_k, R, scaling, RANK_PRECISION, BLOCK_R)
+        dx = acc + inner * dropout_scale(seed, offs_m[:, None] * K + offs_k[None, :], p, inv_keep)
+    else:
+        if SECOND:
+            acc += acc2
+        dx = rank_product(acc, gb_ptr, stride_gbm, 1, a_ptr, stride_ar, stride_ak, offs_m, offs_k,
+                          mask_m, mask_k, R, scaling, RANK_PRECISION, BLOCK_R)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], dx.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
 
@@ -350,6 +380,13 @@ def weight_args(weight, round_dtype=None):
                           BITWISE_BF16=interpreting()))
 
 
+def _nf4_blocksize(weight):
+    """The quantization block size of an NF4 weight whose rows hold whole blocks, else None."""
+    if isinstance(weight, torch.Tensor) or weight.shape[1] % weight.blocksize:
+        return None
+    return weight.blocksize
+
+
 def _gemm_weight_args(weight, x_dtype):
     # bitsandbytes dequantizes to the activation dtype before its matmul. On a GPU the cast to
     # the dot dtype does that rounding; the interpreter dots in fp32, so round explicitly there.
@@ -358,22 +395,76 @@ def _gemm_weight_args(weight, x_dtype):
 
 def _dot_args(dtype):
     # fp32 operands get full fp32 products ("ieee"), as torch's fp32 matmul does by default;
-    # Triton's own default for fp32 is TF32. 16-bit operands ignore the setting.
+    # Triton's own default for fp32 is TF32. 16-bit operands ignore the setting. The rank-r
+    # products take fp32 adapter operands: "ieee" (FMA units) beside an fp32 GEMM, "tf32x3"
+    # (tensor cores, fp32-accurate) beside a 16-bit one.
     dot = dot_dtype(dtype)
-    return dict(DOT_DTYPE=dot, DOT_PRECISION="ieee" if dot == tl.float32 else "tf32")
+    if dot == tl.float32:
+        return dict(DOT_DTYPE=dot, DOT_PRECISION="ieee", RANK_PRECISION="ieee")
+    return dict(DOT_DTYPE=dot, DOT_PRECISION="tf32", RANK_PRECISION="tf32x3")
 
 
-def _gemm_config(M: int, N: int, K: int):
-    """Tile sizes and split-K for the fused GEMMs, keyed on the problem shape."""
+def _rank_block(R: int, limit: int = 16) -> int:
+    """Rank chunk of the rank-r products: larger chunks spill registers on a GPU and, at r = 256,
+    overflow shared memory. The interpreter uses the same chunks, so tests cover several."""
+    return min(limit, _pow2(R))
+
+
+# GPU tile configurations, chosen by lowering each candidate for sm_90 and reading registers,
+# spills and shared memory from ptxas and the cubin (`python -m bench.lowering`): on 16-bit
+# activations none spills, and none needs more than the 227 KiB of shared memory a Hopper SM
+# grants one block. Launches on fp32 activations run "ieee" FMA dots, which hold whole operand
+# rows in registers; a few of them spill some words. tests/test_gpu_compile.py records every launch
+# a forward and backward make and checks these bounds with the Triton CI installs (another Triton
+# version allocates registers differently). None of these has been timed on a GPU yet.
+
+def _gemm_config(M: int, N: int, K: int, dot, *, nf4=False, blocksize=None, dora=False, second=False):
+    """Tiles, warps and stages of the fused forward GEMM for M rows, `dot` its operand dtype.
+
+    `nf4` with `blocksize` set: rows hold whole quantization blocks, and tiles stay inside one
+    (BLOCK_K <= blocksize) so each row decodes one scale a tile; `nf4` without: every element
+    finds its own scale, which costs registers. DoRA's extra output and DoRA-with-dropout's second
+    accumulator take narrower tiles.
+    """
     if interpreting():
         # The interpreter pays per program and per op, not per element: few, large tiles.
         return dict(BLOCK_M=min(64, _pow2(M)), BLOCK_N=min(64, _pow2(N)), BLOCK_K=min(64, _pow2(K)),
                     GROUP_M=4, num_warps=4, num_stages=1)
-    if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
-    if M <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    per_element = nf4 and blocksize is None
+    if dot == tl.float32:
+        # fp32 products run on the FMA units; the reduction step must stay short.
+        cfg = (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3) if M <= 16 else
+               dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=3))
+    elif M <= 16:
+        cfg = (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3) if per_element else
+               dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4))
+    elif second:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=4)
+    elif M <= 64 or per_element:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64 if dora else 128, BLOCK_K=32, num_warps=8, num_stages=4)
+    if blocksize is not None:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], blocksize)
+    cfg["GROUP_M"] = 1 if M <= 16 else 8
+    return cfg
+
+
+def _dx_config(M: int, N: int, K: int, dot, *, nf4=False, blocksize=None):
+    """Tiles of the dx GEMM: BLOCK_M x BLOCK_K outputs, reducing over N in BLOCK_N steps."""
+    if interpreting():
+        return dict(BLOCK_M=min(64, _pow2(M)), BLOCK_N=min(64, _pow2(N)), BLOCK_K=min(64, _pow2(K)),
+                    GROUP_M=4, num_warps=4, num_stages=1)
+    if dot == tl.float32:
+        cfg = dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=32, num_warps=8, num_stages=3)
+    elif M <= 16:
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+    if blocksize is not None:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], blocksize)
+    cfg["GROUP_M"] = 8
+    return cfg
 
 
 def _sm_count(device) -> int:
@@ -399,9 +490,13 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
     keep ⊙ x in x's dtype, exact (forward of DoRA with dropout needs it once, as a GEMM operand)."""
     M, K = x.shape
     R = a.shape[0]
-    BLOCK_R = _pow2(R)
-    BLOCK_M = min(64, _pow2(M)) if interpreting() else (16 if M <= 16 else 64)
-    BLOCK_K = min(128, _pow2(K)) if interpreting() else 64
+    # Rank chunks of 16 with the Philox state live, else 32; a program per chunk.
+    BLOCK_R = _rank_block(R, 16 if dropout else 32)
+    if interpreting():
+        BLOCK_M, BLOCK_K = min(64, _pow2(M)), min(128, _pow2(K))
+    else:
+        # fp32 FMA products: a short K step, and fewer rows with the Philox state live.
+        BLOCK_M, BLOCK_K = (16 if M <= 16 else 32 if dropout else 64), 32
     if split_k is None:
         # Few row tiles (M up to a few thousand) would leave most SMs idle: split K as well.
         row_tiles = triton.cdiv(M, BLOCK_M)
@@ -411,13 +506,13 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
     split_k = triton.cdiv(K, k_per_split)
     out = torch.empty((split_k, M, R), dtype=torch.float32, device=x.device)
     xd = torch.empty((M, K), dtype=store_dtype(x.dtype), device=x.device) if write_xd else out
-    grid = (triton.cdiv(M, BLOCK_M), split_k)
+    grid = (triton.cdiv(M, BLOCK_M), split_k, triton.cdiv(R, BLOCK_R))
     _lora_shrink_kernel[grid](
         x, a, out, xd, M, K, R, k_per_split,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1), xd.stride(0),
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
         DROPOUT=dropout > 0, WRITE_XD=write_xd,
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, enable_fp_fusion=False,
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, num_warps=4, enable_fp_fusion=False,
     )
     xa = out[0] if split_k == 1 else out.sum(0)
     if write_xd:
@@ -435,7 +530,9 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
     M, K = x.shape
     N, R = lora_B.shape
     wa = _gemm_weight_args(weight, x.dtype)
-    cfg = _gemm_config(M, N, K)
+    dots = _dot_args(x.dtype)
+    cfg = _gemm_config(M, N, K, dots["DOT_DTYPE"], nf4=wa["meta"]["IS_NF4"], blocksize=_nf4_blocksize(weight),
+                       dora=mn is not None, second=xd is not None)
     if split_k is None:
         split_k = _split_k(M, N, K, cfg, x.device)
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
@@ -450,7 +547,7 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
     else:
         part = part_d = y
     flags = dict(DORA=mn is not None, SECOND=second, HAS_BIAS=bias is not None, SAVE_Z=save_z)
-    BLOCK_R = _pow2(R)
+    BLOCK_R = _rank_block(R)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
     _fused_linear_kernel[grid](
         x, xd if second else x, wa["w"], *wa["stats"],
@@ -460,7 +557,7 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
         x.stride(0), x.stride(1), xd.stride(0) if second else 0, wa["stride_wn"], wa["stride_wk"],
         xa.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0),
         part.stride(0) if split_k > 1 else 0,
-        **wa["meta"], **_dot_args(x.dtype), **flags,
+        **wa["meta"], **dots, **flags,
         SPLIT_K=split_k,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=BLOCK_R,
         GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg),
@@ -470,7 +567,8 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
         _split_k_epilogue_kernel[(triton.cdiv(M, EM), triton.cdiv(N, EN))](
             part, part_d, xa, lora_B, mn if mn is not None else xa, bias if bias is not None else xa,
             scaling, inv_keep, y, z, M, N, R, xa.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0),
-            part.stride(0), **flags, SPLIT_K=split_k, BLOCK_M=EM, BLOCK_N=EN, BLOCK_R=BLOCK_R,
+            part.stride(0), **flags, RANK_PRECISION=dots["RANK_PRECISION"], SPLIT_K=split_k,
+            BLOCK_M=EM, BLOCK_N=EN, BLOCK_R=BLOCK_R,
             enable_fp_fusion=False,
         )
     if y.dtype != x.dtype:
@@ -486,7 +584,8 @@ def fused_linear_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_s
     R, K = lora_A.shape
     out_dtype = out_dtype or dy.dtype
     wa = _gemm_weight_args(weight, out_dtype)
-    cfg = _gemm_config(M, K, N)
+    dots = _dot_args(out_dtype)
+    cfg = _dx_config(M, N, K, dots["DOT_DTYPE"], nf4=wa["meta"]["IS_NF4"], blocksize=_nf4_blocksize(weight))
     dx = torch.empty((M, K), dtype=store_dtype(out_dtype), device=dy.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     _fused_linear_dx_kernel[grid](
@@ -497,9 +596,9 @@ def fused_linear_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_s
         dy.stride(0), dy.stride(1), wa["stride_wn"], wa["stride_wk"], gb.stride(0),
         lora_A.stride(0), lora_A.stride(1), dx.stride(0),
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
-        **wa["meta"], **_dot_args(out_dtype),
+        **wa["meta"], **dots,
         SCALE_DY=col_scale is not None, SECOND=second_scale is not None, DROPOUT=dropout > 0,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=_pow2(R),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=_rank_block(R),
         GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg),
     )
     return dx if dx.dtype == out_dtype else dx.to(out_dtype)
@@ -512,7 +611,13 @@ def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, split_m=None):
     if interpreting():
         BLOCK_M, BLOCK_P, BLOCK_Q = min(64, _pow2(M)), min(64, _pow2(P)), min(64, _pow2(Q))
     else:
-        BLOCK_M, BLOCK_P, BLOCK_Q = 64, min(64, _pow2(P)), min(64, _pow2(Q))
+        # fp32 FMA products: a short reduction step, and 16 x 128 outputs a program with the long
+        # side on the larger of P and Q (dA is r x K, dB is N x r).
+        BLOCK_M = 32
+        if P <= Q:
+            BLOCK_P, BLOCK_Q = 16, min(128, _pow2(Q))
+        else:
+            BLOCK_P, BLOCK_Q = min(128, _pow2(P)), 16
     tiles = triton.cdiv(P, BLOCK_P) * triton.cdiv(Q, BLOCK_Q)
     if split_m is None:
         split_m = 1 if interpreting() else max(1, min(triton.cdiv(2 * _sm_count(lhs.device), tiles),

@@ -1,0 +1,364 @@
+"""What the kernels compile to on a Hopper GPU, read on a machine without one.
+
+    python -m bench.lowering [--out DIR] [--quick]
+
+Runs the real forward and backward of `peft_ops.lora_linear` (LoRA, QLoRA, DoRA, QDoRA, with and
+without dropout, in bf16 and fp32, at decode, small and training batch sizes) and the NF4
+storage launchers on CPU tensors, with every Triton launch replaced by an ahead-of-time compile
+for sm_90. Each distinct launch is
+lowered once with Triton's own ptxas and read back with its cuobjdump:
+
+- registers a thread, and the bytes ptxas spilled to local memory (stores plus loads, from its
+  own report; the stack frame, which a call such as an IEEE divide also needs, is kept apart),
+- shared memory a block needs, against the 227 KiB an sm_90 block may have,
+- tensor-core instructions (HGMMA is Hopper's warpgroup MMA, HMMA the older warp MMA).
+
+So the configurations the launchers really pick, with the flags they really pass, are checked
+for the two failures that need no timing to see: spills and shared memory a GPU would refuse.
+No kernel runs and nothing here is a speed: the results are facts about the code, not the
+hardware. `tests/test_gpu_compile.py` asserts the same bounds in CI.
+
+Kernels must be defined with TRITON_INTERPRET unset (or 0); this module refuses to run under the
+interpreter, whose kernels cannot be compiled.
+"""
+
+import argparse
+import contextlib
+import csv
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+HOPPER = GPUTarget("cuda", 90, 32)
+H100_SMS = 132
+SMEM_LIMIT = 232448   # bytes of shared memory one block may use on sm_90 (227 KiB)
+# Launches on fp32 activations run their products as "ieee" FMA dots, which hold whole operand
+# rows in registers; a few of them spill a few words at every tile size tried. This bounds them.
+# Every launch on 16-bit activations must not spill at all.
+FP32_SPILL_BOUND = 64
+
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
+          torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+_LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg", "launch_pdl"}
+
+
+def _bin(name):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def available():
+    """None when lowering can run here, else why not."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "TRITON_INTERPRET=1: interpreted kernels cannot be compiled"
+    if not os.path.exists(_bin("cuobjdump")):
+        return "this triton wheel ships no cuobjdump"
+    return None
+
+
+class Launch:
+    """One distinct kernel launch: the kernel, its argument types, constexprs and options."""
+
+    def __init__(self, kernel, signature, constexprs, options, where):
+        self.kernel, self.signature, self.constexprs, self.options = kernel, signature, constexprs, options
+        self.where = where
+        self.count = 1
+
+    @property
+    def key(self):
+        return (self.kernel.__name__, tuple(self.signature.items()), tuple(self.constexprs.items()),
+                tuple(sorted(self.options.items())))
+
+    def label(self):
+        flags = ", ".join(f"{k}={_short(v)}" for k, v in self.constexprs.items())
+        return f"{self.kernel.__name__}[{flags}; warps={self.options.get('num_warps', 4)}, " \
+               f"stages={self.options.get('num_stages', 3)}]"
+
+
+def _short(v):
+    if isinstance(v, tl.dtype):
+        return str(v)
+    return v
+
+
+def _describe(fn, args, kwargs):
+    """Triton signature, constexprs and options of `fn(*args, **kwargs)` as a launch makes them."""
+    options = {k: v for k, v in kwargs.items() if k in _LAUNCH_OPTIONS}
+    bound = inspect.signature(fn.fn).bind(*args, **{k: v for k, v in kwargs.items() if k not in options})
+    signature, constexprs = {}, {}
+    for param in fn.params:
+        value = bound.arguments[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {param.name}={value!r}")
+    return signature, constexprs, options
+
+
+class Recorder:
+    """Collects the distinct launches made while `recording()` is active."""
+
+    def __init__(self):
+        self.launches = {}
+        self.where = ""
+
+    def add(self, fn, args, kwargs):
+        launch = Launch(fn, *_describe(fn, args, kwargs), where=self.where)
+        if launch.key in self.launches:
+            self.launches[launch.key].count += 1
+        else:
+            self.launches[launch.key] = launch
+
+
+@contextlib.contextmanager
+def recording(sm_count=H100_SMS):
+    """Route peft_ops' ops to the Triton launchers on CPU tensors and record, not run, each launch.
+
+    Outputs of the kernels stay uninitialised: the point is which launches the forward and
+    backward make, not their values. `sm_count` stands in for the GPU's SMs in split heuristics.
+    """
+    from peft_ops import nf4 as pnf4
+    from peft_ops import ops
+    from peft_ops.kernels import lora as klora
+
+    rec = Recorder()
+    saved = (JITFunction.run, ops.use_triton, pnf4._use_triton, klora._sm_count)
+
+    def run(self, *args, grid, warmup, **kwargs):
+        rec.add(self, args, kwargs)
+
+    JITFunction.run = run
+    ops.use_triton = lambda t: True
+    pnf4._use_triton = lambda t: True
+    klora._sm_count = lambda device: sm_count
+    try:
+        yield rec
+    finally:
+        JITFunction.run, ops.use_triton, pnf4._use_triton, klora._sm_count = saved
+
+
+# ----------------------------------------------------------------------------------------------
+# the workload: what a training step and a decode step launch
+# ----------------------------------------------------------------------------------------------
+
+def workload(quick=False):
+    """(label, thunk) pairs; each thunk runs one forward (and backward when training)."""
+    import peft_ops
+
+    gen = torch.Generator().manual_seed(0)
+    N, K = 512, 1024
+    weights = {
+        "dense": lambda dtype: torch.randn(N, K, generator=gen).to(dtype),
+        "nf4": lambda dtype: peft_ops.NF4Weight.quantize(torch.randn(N, K, generator=gen).to(dtype)),
+    }
+    # K not a multiple of the block size (per-element scales) and odd (bytes straddle rows).
+    odd = peft_ops.NF4Weight.quantize(torch.randn(N, 999, generator=gen).to(torch.bfloat16))
+
+    rows = [1, 48, 512] if not quick else [1, 512]
+    ranks = [16, 64] if not quick else [16]
+    dtypes = [torch.bfloat16, torch.float32] if not quick else [torch.bfloat16]
+    jobs = []
+
+    def case(label, weight, dtype, M, r, dora, p, train, bias=False):
+        k = weight.shape[1]
+
+        def thunk():
+            x = torch.randn(M, k, generator=gen).to(dtype).requires_grad_(train)
+            A = torch.randn(r, k, generator=gen).requires_grad_(train)
+            B = torch.randn(weight.shape[0], r, generator=gen).requires_grad_(train)
+            m = torch.rand(weight.shape[0], generator=gen).requires_grad_(train) if dora else None
+            b = torch.randn(weight.shape[0], generator=gen).to(dtype) if bias else None
+            with torch.set_grad_enabled(train):
+                y = peft_ops.lora_linear(x, weight, A, B, 2.0, bias=b, magnitude=m, dropout=p, training=train)
+                if train:
+                    y.backward(torch.randn(y.shape, generator=gen).to(y.dtype))
+        jobs.append((label, thunk))
+
+    for dtype in dtypes:
+        built = {name: make(dtype) for name, make in weights.items()}
+        for name, weight in built.items():
+            for dora in (False, True):
+                op = ("q" if name == "nf4" else "") + ("dora" if dora else "lora")
+                for M in rows:
+                    train = M > 16
+                    for r in ranks:
+                        for p in ((0.0, 0.05) if train else (0.0,)):
+                            case(f"{op} {str(dtype)[6:]} M={M} r={r} p={p}", weight, dtype, M, r, dora, p, train)
+    case("qdora bf16 K=999 M=48 r=16 bias", odd, torch.bfloat16, 48, 16, True, 0.05, True, bias=True)
+    case("qlora bf16 K=999 M=1 r=16", odd, torch.bfloat16, 1, 16, False, 0.0, False)
+    case("qdora bf16 M=512 r=256", weights["nf4"](torch.bfloat16), torch.bfloat16, 512, 256, True, 0.0, True)
+
+    # the storage kernels, called the way NF4Weight calls them, and the test-side mask kernel
+    from peft_ops.kernels import dropout as kdropout
+    from peft_ops.kernels import nf4 as knf4
+    dense = torch.randn(N, K, generator=gen).to(torch.bfloat16)
+    single = peft_ops.NF4Weight.quantize(dense, double_quant=False)
+    for w in (odd, single):
+        for dtype in (torch.bfloat16, torch.float32):
+            jobs.append((f"nf4 dequantize to {str(dtype)[6:]}", lambda w=w, dtype=dtype: knf4.nf4_dequantize(w, dtype)))
+    jobs.append(("nf4 quantize bf16", lambda: knf4.nf4_quantize(dense, 64)))
+    jobs.append(("dropout mask", lambda: kdropout.dropout_scale_tensor(7, (48, K), 0.1, "cpu")))
+    return jobs
+
+
+def record(quick=False):
+    """Run the workload under `recording()`; returns the distinct launches."""
+    jobs = workload(quick)   # weights are quantized here, for real, before recording starts
+    with recording() as rec:
+        for label, thunk in jobs:
+            rec.where = label
+            thunk()
+    return list(rec.launches.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# lowering and reading the cubin
+# ----------------------------------------------------------------------------------------------
+
+def _lower(job):
+    import importlib
+    import io
+    from triton import knobs
+
+    kernel_module, kernel_name, signature, constexprs, options = job
+    kernel = getattr(importlib.import_module(kernel_module), kernel_name)
+    params = [p.name for p in kernel.params]
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    opts = dict(options)
+    opts.setdefault("num_warps", 4)
+    opts.setdefault("num_stages", 3)
+    # ptxas' own report separates spills from the stack frame a call (an IEEE divide) needs; it
+    # is printed only when ptxas runs, so bypass Triton's cache.
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(src, target=HOPPER, options=opts)
+    seconds = time.perf_counter() - t0
+    spills = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        usage = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_bin("cuobjdump"), "-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    stack = int(m.group(2))
+    # Without ptxas' report, count the whole stack frame as spill (an upper bound).
+    spill = int(spills.group(2)) + int(spills.group(3)) if spills else stack
+    return dict(registers=int(m.group(1)), spill_bytes=spill, stack_bytes=stack,
+                shared_bytes=compiled.metadata.shared,
+                hgmma=len(re.findall(r"\bHGMMA\b", sass)), hmma=len(re.findall(r"\bHMMA\b", sass)),
+                instructions=len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass)), compile_s=round(seconds, 1))
+
+
+def lower(launches, workers=2):
+    """Compile each launch for sm_90; returns one dict a launch (label, where, count, and the
+    facts read from its cubin)."""
+    jobs = []
+    for launch in launches:
+        constexprs = {k: v for k, v in launch.constexprs.items()}
+        jobs.append((launch.kernel.fn.__module__, launch.kernel.fn.__name__, launch.signature, constexprs,
+                     launch.options))
+    with ProcessPoolExecutor(workers) as ex:
+        facts = list(ex.map(_lower, jobs))
+    rows = []
+    for launch, fact in zip(launches, facts):
+        rows.append(dict(kernel=launch.kernel.__name__, config=launch.label(), first_seen_in=launch.where,
+                         launches=launch.count, **fact, **verdict(launch, fact)))
+    return rows
+
+
+def _is_fp32(launch):
+    """True for a launch on fp32 activations (an fp32 GEMM, or a rank kernel reading fp32 x/dy)."""
+    if launch.constexprs.get("DOT_DTYPE") == tl.float32:
+        return True
+    # the rank reductions pair an activation-dtype operand with an fp32 one (gb, xa)
+    operands = [launch.signature[name] for name in ("x_ptr", "l_ptr", "r_ptr") if name in launch.signature]
+    return bool(operands) and all(t == "*fp32" for t in operands)
+
+
+def _is_16bit_gemm(launch):
+    return launch.constexprs.get("DOT_DTYPE") in (tl.bfloat16, tl.float16)
+
+
+def verdict(launch, fact):
+    """'ok' or the bound a launch breaks (spills, shared memory, a 16-bit GEMM off tensor cores)."""
+    problems = []
+    spill_bound = FP32_SPILL_BOUND if _is_fp32(launch) else 0
+    if fact["spill_bytes"] > spill_bound:
+        problems.append(f"spills {fact['spill_bytes']} B (bound {spill_bound})")
+    if fact["shared_bytes"] > SMEM_LIMIT:
+        problems.append(f"needs {fact['shared_bytes']} B of shared memory (sm_90 allows {SMEM_LIMIT})")
+    if _is_16bit_gemm(launch) and fact["hgmma"] + fact["hmma"] == 0:
+        problems.append("16-bit GEMM without tensor-core instructions")
+    return dict(verdict="ok" if not problems else "; ".join(problems))
+
+
+FIELDS = ["kernel", "config", "first_seen_in", "launches", "registers", "spill_bytes", "stack_bytes",
+          "shared_bytes",
+          "hgmma", "hmma", "instructions", "compile_s", "verdict"]
+
+
+def format_table(rows):
+    lines = [f"{'kernel':28s} {'regs':>4s} {'spill':>5s} {'smem KiB':>8s} {'HGMMA':>5s} {'HMMA':>4s}  "
+             f"first seen in / verdict"]
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["config"])):
+        lines.append(f"{r['kernel']:28s} {r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes'] / 1024:8.1f} "
+                     f"{r['hgmma']:5d} {r['hmma']:4d}  {r['first_seen_in']} / {r['verdict']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.lowering", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="folder for lowering.csv (default: print only)")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and dtypes")
+    a = ap.parse_args(argv)
+    why = available()
+    if why:
+        print(f"python -m bench.lowering: {why}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    launches = record(a.quick)
+    rows = lower(launches)
+    print(format_table(rows))
+    bad = [r for r in rows if r["verdict"] != "ok"]
+    print(f"\n{len(rows)} distinct launches lowered for sm_90 in {time.perf_counter() - t0:.0f} s; "
+          f"{len(bad)} break a bound (spills, shared memory, tensor cores). No kernel ran: these are "
+          "compile-time facts, not timings.")
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "lowering.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows({k: r[k] for k in FIELDS} for r in rows)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
