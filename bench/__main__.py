@@ -26,6 +26,8 @@ def build_config(argv=None) -> Config:
                     "(default: 540 for the full GPU suite, none otherwise)")
     ap.add_argument("--rounds", type=int, help="CPU: timed rounds per case (default 15, quick 7)")
     ap.add_argument("--no-memory", action="store_true", help="skip the saved-for-backward memory table")
+    ap.add_argument("--no-lowering", action="store_true",
+                    help="CPU: skip lowering every launch for sm_90 (on by default without --quick)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     a = ap.parse_args(argv)
@@ -51,7 +53,8 @@ def build_config(argv=None) -> Config:
                  cpu_rounds=a.rounds or (7 if a.quick else 15), cpu_warmup=0 if a.quick else 2,
                  cpu_case_budget_s=2.5 if a.quick else 15.0,
                  gpu_warmup_ms=10 if a.quick else 25, gpu_rep_ms=40 if a.quick else 60,
-                 memory_table=not a.no_memory, plots=not a.no_plots)
+                 memory_table=not a.no_memory, plots=not a.no_plots,
+                 lowering=not (cuda or a.quick or a.no_lowering))
     cfg.list_only = a.list
     return cfg
 

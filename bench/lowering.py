@@ -290,7 +290,7 @@ def lower(launches, workers=2):
     rows = []
     for launch, fact in zip(launches, facts):
         rows.append(dict(kernel=launch.kernel.__name__, config=launch.label(), first_seen_in=launch.where,
-                         launches=launch.count, **fact, **verdict(launch, fact)))
+                         launches=launch.count, fp32=_is_fp32(launch), **fact, **verdict(launch, fact)))
     return rows
 
 
@@ -320,7 +320,7 @@ def verdict(launch, fact):
     return dict(verdict="ok" if not problems else "; ".join(problems))
 
 
-FIELDS = ["kernel", "config", "first_seen_in", "launches", "registers", "spill_bytes", "stack_bytes",
+FIELDS = ["kernel", "config", "first_seen_in", "launches", "fp32", "registers", "spill_bytes", "stack_bytes",
           "shared_bytes",
           "hgmma", "hmma", "instructions", "compile_s", "verdict"]
 
@@ -332,6 +332,30 @@ def format_table(rows):
         lines.append(f"{r['kernel']:28s} {r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes'] / 1024:8.1f} "
                      f"{r['hgmma']:5d} {r['hmma']:4d}  {r['first_seen_in']} / {r['verdict']}")
     return "\n".join(lines)
+
+
+def summary(rows):
+    """A few lines on what the lowering found, for the bench summary."""
+    bad = [r for r in rows if r["verdict"] != "ok"]
+    gemms = [r for r in rows if r["kernel"] in ("_fused_linear_kernel", "_fused_linear_dx_kernel")]
+    gemm16 = [r for r in gemms if "DOT_DTYPE=bf16" in r["config"] or "DOT_DTYPE=fp16" in r["config"]]
+    lines = [f"sm_90 lowering (compile-time facts, no kernel ran): {len(rows)} distinct launches of "
+             f"{len({r['kernel'] for r in rows})} kernels; most registers {max(r['registers'] for r in rows)} a thread, "
+             f"most spilled {max([r['spill_bytes'] for r in rows if not r['fp32']] or [0])} B on 16-bit "
+             f"activations and {max([r['spill_bytes'] for r in rows if r['fp32']] or [0])} B on fp32 ones, "
+             f"most shared memory {max(r['shared_bytes'] for r in rows) / 1024:.0f} of {SMEM_LIMIT // 1024} KiB; "
+             f"16-bit GEMM launches on tensor cores: {sum(r['hgmma'] > 0 for r in gemm16)} on HGMMA and "
+             f"{sum(r['hgmma'] == 0 and r['hmma'] > 0 for r in gemm16)} on HMMA (M <= 16) of {len(gemm16)}; "
+             f"{len(bad)} break a bound."]
+    lines += [f"  {r['config']} ({r['first_seen_in']}): {r['verdict']}" for r in bad]
+    return "\n".join(lines)
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows({k: r[k] for k in FIELDS} for r in rows)
 
 
 def main(argv=None):
@@ -347,17 +371,11 @@ def main(argv=None):
     launches = record(a.quick)
     rows = lower(launches)
     print(format_table(rows))
-    bad = [r for r in rows if r["verdict"] != "ok"]
-    print(f"\n{len(rows)} distinct launches lowered for sm_90 in {time.perf_counter() - t0:.0f} s; "
-          f"{len(bad)} break a bound (spills, shared memory, tensor cores). No kernel ran: these are "
-          "compile-time facts, not timings.")
+    print(f"\n{summary(rows)}\n(lowered in {time.perf_counter() - t0:.0f} s)")
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "lowering.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows({k: r[k] for k in FIELDS} for r in rows)
-    return 1 if bad else 0
+        write_csv(os.path.join(a.out, "lowering.csv"), rows)
+    return 1 if any(r["verdict"] != "ok" for r in rows) else 0
 
 
 if __name__ == "__main__":

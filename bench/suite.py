@@ -45,6 +45,7 @@ class Config:
     gpu_rep_ms: int = 100
     budget_s: float = float("inf")      # whole-suite time budget; cases past it are counted, not run
     memory_table: bool = True
+    lowering: bool = False              # lower every launch for sm_90 and read the cubins (lowering.py)
     plots: bool = True
     quiet: bool = False
 
@@ -55,6 +56,8 @@ class Report:
     skipped: list = field(default_factory=list)     # (case label, provider, reason)
     notes: dict = field(default_factory=dict)       # (provider, note) -> count of cases
     memory_rows: list = field(default_factory=list)
+    lowering_rows: list = field(default_factory=list)
+    lowering_note: str = ""
     csv_path: str = ""
     summary: str = ""
 
@@ -200,6 +203,15 @@ def run_suite(cfg: Config) -> Report:
                                     "memory table; " + r["note"]))
 
     os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.lowering:
+        from . import lowering
+        why = lowering.available()
+        if why:
+            report.lowering_note = f"sm_90 lowering not run: {why}"
+        else:
+            say("lowering every launch for sm_90 (compile only, about two minutes on 2 cores) ...")
+            report.lowering_rows = lowering.lower(lowering.record())
+            lowering.write_csv(os.path.join(cfg.out_dir, "lowering.csv"), report.lowering_rows)
     report.csv_path = os.path.join(cfg.out_dir, "results.csv")
     write_csv(report.csv_path, report.rows)
     report.summary = summarize(cfg, report)
@@ -275,6 +287,12 @@ def summarize(cfg: Config, report: Report) -> str:
     if report.memory_rows:
         text, _ = memory.format_table(report.memory_rows)
         lines += ["", text]
+
+    if report.lowering_rows:
+        from . import lowering
+        lines += ["", lowering.summary(report.lowering_rows) + " Table: lowering.csv."]
+    elif report.lowering_note:
+        lines += ["", report.lowering_note]
 
     if report.notes:
         lines.append("\nBackends and fallbacks (provider: note, number of cases):")
