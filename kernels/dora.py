@@ -93,6 +93,6 @@ def column_dot(a, b):
     out = torch.empty((split_m, N), dtype=torch.float32, device=a.device)
     _column_dot_kernel[(triton.cdiv(N, BLOCK_N), split_m)](
         a, b, out, M, N, m_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, enable_fp_fusion=False,
     )
     return out[0] if split_m == 1 else out.sum(0)

@@ -50,5 +50,6 @@ def dropout_scale_tensor(seed: int, shape, p: float, device) -> torch.Tensor:
         numel *= s
     out = torch.empty(shape, dtype=torch.float32, device=device)
     BLOCK = 1024
-    _dropout_scale_kernel[(triton.cdiv(numel, BLOCK),)](out, seed, numel, p, 1.0 / (1.0 - p), BLOCK=BLOCK)
+    _dropout_scale_kernel[(triton.cdiv(numel, BLOCK),)](out, seed, numel, p, 1.0 / (1.0 - p), BLOCK=BLOCK,
+                                                        enable_fp_fusion=False)
     return out
