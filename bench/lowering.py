@@ -346,9 +346,18 @@ def summary(rows):
              f"most shared memory {max(r['shared_bytes'] for r in rows) / 1024:.0f} of {SMEM_LIMIT // 1024} KiB; "
              f"16-bit GEMM launches on tensor cores: {sum(r['hgmma'] > 0 for r in gemm16)} on HGMMA and "
              f"{sum(r['hgmma'] == 0 and r['hmma'] > 0 for r in gemm16)} on HMMA (M <= 16) of {len(gemm16)}; "
-             f"{len(bad)} break a bound."]
+             f"{len(bad)} break a bound. Lowered with {toolchain()}."]
     lines += [f"  {r['config']} ({r['first_seen_in']}): {r['verdict']}" for r in bad]
     return "\n".join(lines)
+
+
+def toolchain():
+    """Which Triton and ptxas did the lowering: register allocation differs between them."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(HOPPER.arch)
+    version = subprocess.run([ptxas.path, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    return f"triton {triton.__version__}, torch {torch.__version__}, ptxas {version[-1] if version else '?'}"
 
 
 def write_csv(path, rows):
@@ -370,11 +379,14 @@ def main(argv=None):
     t0 = time.perf_counter()
     launches = record(a.quick)
     rows = lower(launches)
-    print(format_table(rows))
-    print(f"\n{summary(rows)}\n(lowered in {time.perf_counter() - t0:.0f} s)")
+    text = (f"{format_table(rows)}\n\n{summary(rows)}\n(lowered in {time.perf_counter() - t0:.0f} s "
+            f"on {time.strftime('%Y-%m-%d')})")
+    print(text)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         write_csv(os.path.join(a.out, "lowering.csv"), rows)
+        with open(os.path.join(a.out, "summary.txt"), "w") as f:
+            f.write(text + "\n")
     return 1 if any(r["verdict"] != "ok" for r in rows) else 0
 
 

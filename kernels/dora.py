@@ -73,12 +73,12 @@ def row_norm(weight, lora_A, lora_B, scaling):
     else:
         # A tile inside one quantization block decodes one scale a row (see nf4_tile).
         blocksize = _nf4_blocksize(weight)
-        BLOCK_N, BLOCK_K, num_warps = 32, min(64, blocksize or 64), 8
+        BLOCK_N, BLOCK_K, num_warps = 16, min(64, blocksize or 64), 4
     _row_norm_kernel[(triton.cdiv(N, BLOCK_N),)](
         wa["w"], *wa["stats"], lora_A, lora_B, scaling, out, N, K, R,
         wa["stride_wn"], wa["stride_wk"], lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), **wa["meta"],
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=_rank_block(R, 32), num_warps=num_warps, enable_fp_fusion=False,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=_rank_block(R), num_warps=num_warps, enable_fp_fusion=False,
     )
     return out
 
@@ -86,7 +86,7 @@ def row_norm(weight, lora_A, lora_B, scaling):
 def column_dot(a, b):
     """fp32 [N]: Σ_i a_ij b_ij for a, b of shape [M, N] (any strides)."""
     M, N = a.shape
-    BLOCK_M, BLOCK_N = (min(64, _pow2(M)), min(128, _pow2(N))) if interpreting() else (32, 128)
+    BLOCK_M, BLOCK_N = (min(64, _pow2(M)), min(128, _pow2(N))) if interpreting() else (16, 128)
     split_m = 1 if interpreting() else max(1, min(triton.cdiv(M, 8 * BLOCK_M), 64))
     m_per_split = triton.cdiv(triton.cdiv(M, split_m), BLOCK_M) * BLOCK_M
     split_m = triton.cdiv(M, m_per_split)

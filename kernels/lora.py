@@ -460,7 +460,7 @@ def _dx_config(M: int, N: int, K: int, dot, *, nf4=False, blocksize=None):
     elif M <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
     else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3)
     if blocksize is not None:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], blocksize)
     cfg["GROUP_M"] = 8
@@ -613,7 +613,7 @@ def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, split_m=None):
     else:
         # fp32 FMA products: a short reduction step, and 16 x 128 outputs a program with the long
         # side on the larger of P and Q (dA is r x K, dB is N x r).
-        BLOCK_M = 32
+        BLOCK_M = 16
         if P <= Q:
             BLOCK_P, BLOCK_Q = 16, min(128, _pow2(Q))
         else:

@@ -167,7 +167,9 @@ def _nf4_quantize_kernel(
     x_odd = tl.load(x_ptr + even + 1, mask=even + 1 < numel, other=0.0).to(tl.float32)
 
     absmax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
-    safe_absmax = tl.maximum(absmax, 1e-38)
+    # 1e-38 is subnormal in fp32: as a bare literal Triton 3.6 types it fp64 and the divide below
+    # refuses it, so it is made an fp32 tensor (the value torch's clamp uses too).
+    safe_absmax = tl.maximum(absmax, tl.full(absmax.shape, 1e-38, tl.float32))
     recip = tl.math.div_rn(tl.full(safe_absmax.shape, 1.0, tl.float32), safe_absmax)
     partial = (block + 1) * BLOCKSIZE > numel
     tl.store(absmax_ptr + block, tl.where(partial, safe_absmax, absmax), mask=block < n_blocks)

@@ -190,9 +190,8 @@ def test_nf4_row_aligned_blocks(backend, blocksize):
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("nf4", [False, True])
 def test_rank_spans_several_chunks(backend, nf4, p):
-    # The rank loops walk r in chunks of 16 (32 in the shrink without dropout and in the row
-    # norm): r = 40 ends each of them on a partial chunk, in every kernel, with and without
-    # dropout.
+    # The rank loops walk r in chunks of 16 (32 in the shrink without dropout): r = 40 ends each
+    # of them on a partial chunk, in every kernel, with and without dropout.
     run_case(lead=(70,), N=23, K=96, r=40, dtype=torch.float32, adapter_dtype=torch.float32,
              nf4=nf4, dora=True, bias=True, p=p)
     run_case(lead=(3,), N=23, K=96, r=40, dtype=torch.bfloat16, adapter_dtype=torch.float32,
