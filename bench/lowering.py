@@ -280,11 +280,8 @@ def _lower(job):
 def lower(launches, workers=2):
     """Compile each launch for sm_90; returns one dict a launch (label, where, count, and the
     facts read from its cubin)."""
-    jobs = []
-    for launch in launches:
-        constexprs = {k: v for k, v in launch.constexprs.items()}
-        jobs.append((launch.kernel.fn.__module__, launch.kernel.fn.__name__, launch.signature, constexprs,
-                     launch.options))
+    jobs = [(launch.kernel.fn.__module__, launch.kernel.fn.__name__, launch.signature, launch.constexprs,
+             launch.options) for launch in launches]
     with ProcessPoolExecutor(workers) as ex:
         facts = list(ex.map(_lower, jobs))
     rows = []

@@ -450,7 +450,7 @@ def _gemm_config(M: int, N: int, K: int, dot, *, nf4=False, blocksize=None, dora
     return cfg
 
 
-def _dx_config(M: int, N: int, K: int, dot, *, nf4=False, blocksize=None):
+def _dx_config(M: int, N: int, K: int, dot, *, blocksize=None):
     """Tiles of the dx GEMM: BLOCK_M x BLOCK_K outputs, reducing over N in BLOCK_N steps."""
     if interpreting():
         return dict(BLOCK_M=min(64, _pow2(M)), BLOCK_N=min(64, _pow2(N)), BLOCK_K=min(64, _pow2(K)),
@@ -585,7 +585,7 @@ def fused_linear_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_s
     out_dtype = out_dtype or dy.dtype
     wa = _gemm_weight_args(weight, out_dtype)
     dots = _dot_args(out_dtype)
-    cfg = _dx_config(M, N, K, dots["DOT_DTYPE"], nf4=wa["meta"]["IS_NF4"], blocksize=_nf4_blocksize(weight))
+    cfg = _dx_config(M, N, K, dots["DOT_DTYPE"], blocksize=_nf4_blocksize(weight))
     dx = torch.empty((M, K), dtype=store_dtype(out_dtype), device=dy.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     _fused_linear_dx_kernel[grid](
