@@ -155,6 +155,9 @@ def worker(rank, store_path, out_dir):
             peft_ops.save_adapter(model, os.path.join(out_dir, f"single_{kind}"))
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
+    # Rank 1 skips the single-process runs; tearing gloo down while rank 0 still trains has
+    # aborted rank 1 ("terminate called without an active exception") on a loaded machine.
+    dist.barrier()
     dist.destroy_process_group()
 
 
