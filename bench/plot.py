@@ -22,6 +22,17 @@ def _shape(r):
     return label + (f" p={r['dropout']}" if float(r.get("dropout") or 0) else "")
 
 
+def _save(fig, out_dir, name):
+    """Write `fig` as out_dir/name and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _grouped_bars(ax, groups, series, values, errs=None, log=False):
     import numpy as np
     x = np.arange(len(groups))
@@ -66,11 +77,7 @@ def plot_csv(csv_path, out_dir):
             _grouped_bars(ax, groups, series, vals, errs, log=True)
             ax.set_ylabel("time, ms (median, p20-p80)")
             ax.set_title(f"{op} {mode} ({device})", fontsize=9)
-            fig.tight_layout()
-            p = os.path.join(out_dir, f"time_{op}_{mode.replace('+', '_')}.png")
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            paths.append(p)
+            paths.append(_save(fig, out_dir, f"time_{op}_{mode.replace('+', '_')}.png"))
         ratios = [r for r in rs if r["metric"].startswith("ratio_vs_")]
         if ratios:
             groups = list(dict.fromkeys(_shape(r) for r in ratios))
@@ -81,11 +88,7 @@ def plot_csv(csv_path, out_dir):
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_ylabel("time(peft_ops) / time(provider)\n< 1: peft_ops faster")
             ax.set_title(f"{op} {mode}: peft_ops vs each baseline ({device})", fontsize=9)
-            fig.tight_layout()
-            p = os.path.join(out_dir, f"ratio_{op}_{mode.replace('+', '_')}.png")
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            paths.append(p)
+            paths.append(_save(fig, out_dir, f"ratio_{op}_{mode.replace('+', '_')}.png"))
 
     mem = [r for r in rows if r["metric"] == "saved_bytes" and "memory table" in r["note"]]
     if mem:
@@ -97,11 +100,7 @@ def plot_csv(csv_path, out_dir):
         _grouped_bars(ax, groups, series, vals)
         ax.set_ylabel("saved for backward, MiB")
         ax.set_title("saved-for-backward memory, M=512 K=N=1024 r=16, bf16, NF4, fp32 adapters", fontsize=9)
-        fig.tight_layout()
-        p = os.path.join(out_dir, "saved_bytes.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, out_dir, "saved_bytes.png"))
     return paths
 
 
