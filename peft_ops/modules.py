@@ -497,13 +497,15 @@ class LoraLinear(nn.Module):
         if isinstance(base, NF4Linear):
             base.weight = NF4Weight.quantize(dense, blocksize=old.blocksize, double_quant=old.double_quant)
             return base.weight
-        # bitsandbytes Linear4bit: let bitsandbytes quantize a fresh Params4bit, as PEFT's merge does.
+        # bitsandbytes Linear4bit: let bitsandbytes quantize a fresh Params4bit, as PEFT's merge does,
+        # with the parameter's own settings (a weight bitsandbytes repacked for its CPU kernel reads
+        # back single-quantized, but the layer still asks for double quantization).
         import bitsandbytes as bnb
 
         weight = base.weight
         base.weight = bnb.nn.Params4bit(
             dense.to("cpu"), requires_grad=False, quant_type="nf4", blocksize=old.blocksize,
-            compress_statistics=old.double_quant, quant_storage=weight.quant_storage, module=base,
+            compress_statistics=weight.compress_statistics, quant_storage=weight.quant_storage, module=base,
         ).to(weight.device)
         return nf4_of_bnb(base)
 

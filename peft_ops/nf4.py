@@ -296,6 +296,8 @@ class NF4Weight:
 
         The tensors are shared, not copied (a packed storage dtype other than uint8 is viewed
         as bytes). bitsandbytes' ``quant_map`` is not read: NF4 decoding uses the fixed table.
+        Nothing of `packed` or `quant_state` is changed: a weight bitsandbytes repacked for its
+        CPU kernel is read into new tensors (see ``_from_bnb_cpu_packed``).
         """
         if quant_state is None:
             if not hasattr(packed, "quant_state"):
@@ -311,15 +313,13 @@ class NF4Weight:
             if not hasattr(quant_state, attr):
                 raise TypeError(f"quant_state must be a bitsandbytes QuantState (no .{attr}), "
                                 f"got {type(quant_state).__name__}")
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks weights for its AVX512 CPU kernels on first inference; undo it.
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-            packed, quant_state = _convert_weight_packed_for_cpu_inverse(packed, quant_state)
         if quant_state.quant_type != "nf4":
             raise ValueError(f"quant_state.quant_type must be 'nf4', got {quant_state.quant_type!r}")
         if quant_state.shape is None:
             raise ValueError("quant_state.shape is None; the weight's shape is needed")
         packed = packed.detach().as_subclass(torch.Tensor)
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            return cls._from_bnb_cpu_packed(packed, quant_state)
         if packed.dtype != torch.uint8:
             packed = packed.contiguous().view(torch.uint8)
         if not getattr(quant_state, "nested", False):
@@ -329,6 +329,37 @@ class NF4Weight:
         return cls(packed, quant_state.absmax, quant_state.shape, quant_state.dtype,
                    quant_state.blocksize, nested_absmax=state2.absmax, nested_code=state2.code,
                    offset=quant_state.offset, nested_blocksize=state2.blocksize)
+
+    @classmethod
+    def _from_bnb_cpu_packed(cls, packed, quant_state) -> "NF4Weight":
+        """A copy of a weight bitsandbytes repacked for its AVX512-BF16 CPU kernel.
+
+        bitsandbytes repacks `weight.data` and rewrites `quant_state` in place on the first
+        eval + no-grad forward of a `Linear4bit` on such a CPU (0.50.x). Its inverse rewrites the
+        live `quant_state` again while the module keeps the repacked bytes, so it is never called
+        here: this reads both and writes only new tensors.
+
+        Repacked layout: `packed` is [N, K/2]; for every 32-row group and column pair j, 32 bytes
+        hold the 64 codes (row b, columns 2j and 2j + 1) at positions 2b and 2b + 1, position t in
+        the low nibble of byte t and position 32 + t in its high nibble. `absmax` is bf16
+        [K / blocksize, N] (the transposed block grid) and the nested codes are gone: the repack
+        decoded them and rounded the scales to bf16. So the weight read back is the one the
+        module now computes with: single-quantized, with those bf16 scales held in fp32.
+        """
+        N, K = quant_state.shape
+        blocksize = quant_state.blocksize
+        group = 32
+        if packed.dim() != 2 or tuple(packed.shape) != (N, K // 2) or N % group or K % 2 or K % blocksize:
+            raise ValueError(f"packed: a bitsandbytes CPU-repacked weight of shape {tuple(quant_state.shape)} "
+                             f"must be [{N}, {K // 2}] uint8 with N a multiple of {group} and K of the "
+                             f"blocksize {blocksize}, got {tuple(packed.shape)}")
+        raw = packed.reshape(-1, group)
+        positions = torch.cat([raw & 0xF, raw >> 4], dim=1)              # [N/32 * K/2, 64] codes
+        codes = (positions.reshape(N // group, K // 2, group, 2).transpose(1, 2).reshape(-1))
+        repacked = ((codes[0::2] << 4) | codes[1::2]).contiguous()         # bitsandbytes' flat order
+        absmax = quant_state.absmax.t().reshape(-1).to(torch.float32)      # a new tensor
+        dtype = getattr(quant_state, "original_dtype", quant_state.dtype)
+        return cls(repacked, absmax, quant_state.shape, dtype, blocksize)
 
     @classmethod
     def from_state_dict(cls, state_dict, prefix: str = "") -> "NF4Weight":
