@@ -14,7 +14,8 @@ from .suite import Config, default_out_dir, run_suite
 def build_config(argv=None) -> Config:
     ap = argparse.ArgumentParser(prog="python -m bench", description="peft_ops benchmark suite")
     ap.add_argument("--quick", action="store_true", help="small suite (CPU: < 45 s on 2 cores)")
-    ap.add_argument("--out", help="output folder (default bench/results/<device-tag>-<date-time>/)")
+    ap.add_argument("--out", help="output folder (default bench/out/<device-tag>-<date-time>/, git-ignored; "
+                                  "results to commit go under bench/results/)")
     ap.add_argument("--ops", nargs="+", default=list(C.OPS), choices=C.OPS)
     ap.add_argument("--modes", nargs="+", default=list(C.MODES), choices=C.MODES)
     ap.add_argument("--shapes", nargs="+", metavar="SET|M=..,N=..,K=..,r=..",

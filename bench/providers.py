@@ -11,14 +11,37 @@ scaling s = 2 (lora_alpha = 2 r), activations and dense base weight in `case.dty
 weight (blocksize 64, double quantization) per (N, K) shared by every provider.
 """
 
+import copy
 import importlib.util
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-import torch.nn.functional as F
 
-from .cases import Case
+def _drop_repo_root_from_path():
+    """Take the repository root off sys.path (`python -m bench` puts the working directory there).
+
+    The root holds `kernels/`, which would then shadow Hugging Face's `kernels` distribution:
+    bitsandbytes and transformers import or probe a top-level `kernels` for their hub kernels,
+    and the baselines must import what they import anywhere else. peft_ops comes from its
+    installation (`pip install -e .` maps `peft_ops.kernels` to `kernels/`), and the bench's
+    own modules from its package path, so neither needs the root.
+    """
+    root = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != root]
+    stale = sys.modules.get("kernels")
+    if stale is not None and os.path.realpath(getattr(stale, "__file__", None) or "").startswith(root + os.sep):
+        del sys.modules["kernels"]
+
+
+# Before anything here imports bitsandbytes, peft or transformers.
+_drop_repo_root_from_path()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from .cases import Case  # noqa: E402
 
 SCALING = 2.0
 
@@ -267,16 +290,21 @@ def _dequant_addmm(case: Case, inputs: Inputs) -> Layer:
 
 
 class _Wrap(torch.nn.Module):
-    def __init__(self, proj):
+    def __init__(self, proj, loaded_in_4bit):
         super().__init__()
         self.proj = proj
+        # What transformers sets on a model loaded with load_in_4bit: PEFT then wraps Linear4bit
+        # bases in its bitsandbytes layer (peft.tuners.lora.bnb.Linear4bit), the class QLoRA users
+        # train, rather than in the generic lora.Linear.
+        self.is_loaded_in_4bit = loaded_in_4bit
 
     def forward(self, x):
         return self.proj(x)
 
 
 @provider("peft_bnb", baseline=True, requires=("peft", "bitsandbytes"),
-          description="PEFT LoRA/DoRA layer on a bitsandbytes Linear4bit (nn.Linear for the dense ops)")
+          description="PEFT's bitsandbytes LoRA/DoRA layer (lora.bnb.Linear4bit) on a Linear4bit, as a 4-bit "
+                      "transformers model gets it (PEFT's lora.Linear on nn.Linear for the dense ops)")
 def _peft_bnb(case: Case, inputs: Inputs) -> Layer:
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
@@ -289,16 +317,21 @@ def _peft_bnb(case: Case, inputs: Inputs) -> Layer:
     w = inputs.w
     if case.quantized:
         base = bnb.nn.Linear4bit(case.K, case.N, bias=False, compute_dtype=case.dtype,
-                                 compress_statistics=True, quant_type="nf4")
-        base.weight = bnb.nn.Params4bit(w.detach().cpu(), requires_grad=False, quant_type="nf4",
-                                        compress_statistics=True, blocksize=64)
-        base = base.to(w.device)  # bitsandbytes quantizes on the move to a real device
+                                 compress_statistics=True, quant_type="nf4", device=w.device)
+        # The case's own quantization (bitsandbytes', as every provider shares), in a copy: on an
+        # AVX512-BF16 CPU an eval forward repacks the layer's weight and rewrites its quant_state
+        # in place, which must not reach the other providers. (Built from these tensors, the
+        # layer also exists on meta tensors, for the static model.)
+        packed, state = copy.deepcopy(inputs.bnb_quantized())
+        base.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=64,
+                                        compress_statistics=True, quant_type="nf4", bnb_quantized=True, module=base)
     else:
         base = torch.nn.Linear(case.K, case.N, bias=False, device=w.device, dtype=w.dtype)
         base.weight.data.copy_(w)
         base.weight.requires_grad_(False)
-    model = get_peft_model(_Wrap(base), LoraConfig(r=case.r, lora_alpha=SCALING * case.r, target_modules=["proj"],
-                                                   lora_dropout=case.dropout, use_dora=case.dora))
+    config = LoraConfig(r=case.r, lora_alpha=SCALING * case.r, target_modules=["proj"], lora_dropout=case.dropout,
+                        use_dora=case.dora)
+    model = get_peft_model(_Wrap(base, loaded_in_4bit=case.quantized), config)
     layer = model.base_model.model.proj
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(inputs.A)

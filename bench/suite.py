@@ -71,8 +71,10 @@ def device_tag(device):
 
 
 def default_out_dir(device):
+    """bench/out/<device-tag>-<date-time>/: git-ignored, so a run leaves nothing untracked in the
+    repository. Results meant to be committed go under bench/results/ with --out."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{device_tag(device)}-{stamp}")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", f"{device_tag(device)}-{stamp}")
 
 
 def git_sha():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .convert import add_lora, find_targets, lora_layers, pattern_value
+from .modules import check_adapter_args, check_alpha, check_rank
 
 __all__ = ["save_adapter", "load_adapter"]
 
@@ -121,8 +122,37 @@ def _read_checkpoint(path):
         if os.path.isfile(os.path.join(path, "adapter_model.bin")):
             raise ValueError(f"path: {path} holds adapter_model.bin; only safetensors checkpoints are loaded")
         raise ValueError(f"path: no {WEIGHTS_NAME} in {path}")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    _check_config(config, config_path)
+    from safetensors.torch import load_file
+
+    tensors = load_file(weights_path)
+    for key, tensor in tensors.items():
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{weights_path}: {key} holds {tensor.dtype} values; LoRA weights are floats")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{weights_path}: {key} holds NaN or Inf values")
+    return config, tensors
+
+
+_DEFAULTS = {"lora_dropout": 0.0, "use_dora": False, "use_rslora": False}
+
+
+def _setting(config, key):
+    """config[key], or PEFT's default when the key is absent or null."""
+    value = config.get(key)
+    return _DEFAULTS[key] if value is None else value
+
+
+def _check_config(config, config_path):
+    """Raise ValueError / TypeError naming `config_path` and the key for a config LoraLinear cannot
+    be built from, before anything is created or copied."""
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{CONFIG_NAME}: peft_type {config.get('peft_type')!r} is not 'LORA'")
     if config.get("bias", "none") != "none":
@@ -131,9 +161,18 @@ def _read_checkpoint(path):
         value = config.get(key)
         if value not in defaults and not (value is None and None in defaults):
             raise ValueError(f"{CONFIG_NAME}: {key}={value!r} is not supported by peft_ops")
-    from safetensors.torch import load_file
-
-    return config, load_file(weights_path)
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise ValueError(f"{config_path}: no {key!r} key (PEFT's LoraConfig writes it)")
+    where = f"{config_path}: "
+    check_adapter_args(config["r"], config["lora_alpha"], _setting(config, "lora_dropout"),
+                       _setting(config, "use_dora"), _setting(config, "use_rslora"), where)
+    for key, check in (("rank_pattern", check_rank), ("alpha_pattern", check_alpha)):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise TypeError(f"{where}{key} must be an object, got {type(patterns).__name__}")
+        for name, value in patterns.items():
+            check(value, f"{where}{key}[{name!r}]")
 
 
 def _group_by_module(tensors):
@@ -155,7 +194,7 @@ def _group_by_module(tensors):
 def _expected(config, name, in_features, out_features):
     r = pattern_value(config.get("rank_pattern"), name, config["r"])
     shapes = {"lora_A": (r, in_features), "lora_B": (out_features, r)}
-    if config.get("use_dora", False):
+    if _setting(config, "use_dora"):
         shapes["lora_magnitude_vector"] = (out_features,)
     return r, shapes
 
@@ -174,14 +213,14 @@ def load_adapter(model, path):
     config, tensors = _read_checkpoint(path)
     grouped = _group_by_module(tensors)
     existing = dict(lora_layers(model))
-    use_dora = bool(config.get("use_dora", False))
+    use_dora = _setting(config, "use_dora")
 
     if existing:
         modules = {n: (m.in_features, m.out_features) for n, m in existing.items()}
         for name, m in existing.items():
             r, _ = _expected(config, name, m.in_features, m.out_features)
             alpha = pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
-            rslora = bool(config.get("use_rslora", False))
+            rslora = _setting(config, "use_rslora")
             if m.use_dora != use_dora:
                 raise ValueError(f"module {name}: the checkpoint has use_dora={use_dora}, the layer {m.use_dora}")
             if (m.r, m.lora_alpha, m.use_rslora) != (r, alpha, rslora):
@@ -221,8 +260,8 @@ def load_adapter(model, path):
 
     if not existing:
         add_lora(model, list(modules), r=config["r"], lora_alpha=config["lora_alpha"],
-                 lora_dropout=config.get("lora_dropout", 0.0), use_dora=use_dora,
-                 use_rslora=bool(config.get("use_rslora", False)),
+                 lora_dropout=_setting(config, "lora_dropout"), use_dora=use_dora,
+                 use_rslora=_setting(config, "use_rslora"),
                  rank_pattern=config.get("rank_pattern") or None, alpha_pattern=config.get("alpha_pattern") or None)
         existing = dict(lora_layers(model))
     with torch.no_grad():

@@ -12,6 +12,9 @@ from .modules import (
     LoraLinear,
     NF4Linear,
     bnb_nf4_unsupported_reason,
+    check_adapter_args,
+    check_alpha,
+    check_rank,
     fused_lora_linear,
     is_bnb_linear4bit,
     is_conv1d,
@@ -104,7 +107,8 @@ def add_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_dor
 
     Every selected module is replaced by a `LoraLinear` wrapping it (as `base_layer`), so parameter
     names follow PEFT's layout (`<path>.base_layer.weight`, `<path>.lora_A`, ...). All other
-    parameters of the model are frozen; only the adapters train.
+    parameters of the model are frozen; only the adapters train. Every argument and every selected
+    module is checked first: on an error (TypeError / ValueError naming it) the model is unchanged.
 
     Args:
         model: any `nn.Module`.
@@ -121,25 +125,50 @@ def add_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_dor
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
-    for arg, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+    check_adapter_args(r, lora_alpha, lora_dropout, use_dora, use_rslora)
+    for arg, patterns, check in (("rank_pattern", rank_pattern, check_rank),
+                                 ("alpha_pattern", alpha_pattern, check_alpha)):
         if patterns is not None and not isinstance(patterns, dict):
             raise TypeError(f"{arg} must be a dict, got {type(patterns).__name__}")
+        for key, value in (patterns or {}).items():
+            if not isinstance(key, str):
+                raise TypeError(f"{arg} keys must be module-name patterns (str), got {key!r}")
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"{arg} key {key!r} is not a valid regular expression: {e}") from None
+            check(value, f"{arg}[{key!r}]")
     targets = find_targets(model, target_modules)
-    # Validate every layer's arguments before touching the model.
+    # Validate every layer before touching the model.
     plan = []
     for name, module in targets:
         rank = pattern_value(rank_pattern, name, r)
         alpha = pattern_value(alpha_pattern, name, lora_alpha)
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-            raise ValueError(f"r for {name!r} must be a positive int, got {rank!r}")
         if is_bnb_linear4bit(module) and bnb_nf4_unsupported_reason(module):
             raise ValueError(f"{name}: {bnb_nf4_unsupported_reason(module)}")
         if type(module).__module__.startswith("bitsandbytes") and not is_bnb_linear4bit(module):
             raise ValueError(f"target_modules selects {name!r}, a bitsandbytes {type(module).__name__}: "
                              "only NF4 Linear4bit bases are supported")
         plan.append((name, module, rank, alpha))
-    if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+
+    # Build every layer before changing the model. A construction can still fail (quantizing a
+    # weight with NaNs, say); the only thing it changes in the model is a base weight's
+    # requires_grad flag (LoraLinear freezes its base), put back before the error propagates.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    layers = []
+    try:
+        for name, module, rank, alpha in plan:
+            base = module
+            if quantize == "nf4" and not isinstance(base, NF4Linear) and not is_bnb_linear4bit(base):
+                base = NF4Linear.from_linear(base)
+                if base.bias is not None:
+                    base.bias.requires_grad_(False)
+            layers.append((name, LoraLinear(base, r=rank, lora_alpha=alpha, lora_dropout=lora_dropout,
+                                            use_dora=use_dora, use_rslora=use_rslora)))
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
 
     # Freeze everything but the adapters (those of an earlier add_lora call keep training).
     adapters = {id(p) for layer in model.modules() if isinstance(layer, LoraLinear)
@@ -147,14 +176,7 @@ def add_lora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_dor
     for p in model.parameters():
         if id(p) not in adapters:
             p.requires_grad_(False)
-    for name, module, rank, alpha in plan:
-        base = module
-        if quantize == "nf4" and not isinstance(base, NF4Linear) and not is_bnb_linear4bit(base):
-            base = NF4Linear.from_linear(base)
-            if base.bias is not None:
-                base.bias.requires_grad_(False)
-        layer = LoraLinear(base, r=rank, lora_alpha=alpha, lora_dropout=lora_dropout, use_dora=use_dora,
-                           use_rslora=use_rslora)
+    for name, layer in layers:
         _set_submodule(model, name, layer)
     return model
 
@@ -282,6 +304,37 @@ def _adapter_unsupported_reason(layer, adapter):
     return None
 
 
+def _hooks(module):
+    """The kinds of hook on `module` that PEFT's forward would run by calling it, as a list."""
+    kinds = [kind for kind, hooks in (("forward pre-hook", module._forward_pre_hooks),
+                                      ("forward hook", module._forward_hooks),
+                                      ("backward pre-hook", module._backward_pre_hooks),
+                                      ("backward hook", module._backward_hooks)) if hooks]
+    if "forward" in module.__dict__:   # accelerate's hooks (offloading, device alignment) replace it
+        kinds.append("replaced forward")
+    return kinds
+
+
+def _hooks_reason(layer, adapter):
+    """Which submodules PEFT's forward calls for `adapter` carry hooks, or None.
+
+    The fused op reads their weights instead of calling them, so their hooks (activation capture,
+    weight casting or gathering, offloading) would silently not run. Global hooks
+    (`register_module_forward_hook`) are not looked at: profilers and module trackers install
+    them to watch every module, and watching the fused layer is what they should see."""
+    modules = [("base_layer", layer.base_layer), (f"lora_A[{adapter!r}]", layer.lora_A[adapter]),
+               (f"lora_B[{adapter!r}]", layer.lora_B[adapter]),
+               (f"lora_dropout[{adapter!r}]", layer.lora_dropout[adapter])]
+    if adapter in layer.lora_magnitude_vector:
+        modules.append((f"lora_magnitude_vector[{adapter!r}]", layer.lora_magnitude_vector[adapter]))
+    hooked = []
+    for name, module in modules:
+        kinds = _hooks(module)
+        if kinds:
+            hooked.append(f"{name} ({', '.join(kinds)})")
+    return f"hooks on {', '.join(hooked)}" if hooked else None
+
+
 class FusedLoraForward:
     """Mixin put in front of a PEFT LoRA layer's class by `from_peft`: `forward` runs the fused op
     when it computes what PEFT would, and PEFT's own `forward` otherwise. Every other method
@@ -317,6 +370,14 @@ class FusedLoraForward:
         reason = _adapter_unsupported_reason(self, adapter) or _base_unsupported_reason(self)
         if reason:
             return None, f"adapter {adapter!r}: {reason}"
+        reason = _hooks_reason(self, adapter)
+        if reason:
+            return None, reason
+        weight = self.get_base_layer().weight
+        if isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled():
+            # Unfrozen by the user, or a view of a flat parameter that requires grad (FSDP1 with
+            # use_orig_params=True): the fused op gives the base weight no gradient, PEFT's path does.
+            return None, "the base weight requires grad (the fused op trains adapters only)"
         if not getattr(self, "cast_input_dtype_enabled", True):
             return None, "input dtype casting disabled"
         if not isinstance(x, torch.Tensor):
@@ -336,7 +397,10 @@ def _fused_class(cls):
         if name in globals():
             name = f"Fused_{cls.__module__.replace('.', '_')}_{cls.__name__}"
         fused = type(name, (FusedLoraForward, cls), {"__module__": __name__, "__qualname__": name})
-        # A module-level name keeps converted models picklable (torch.save of a whole model).
+        # A module-level name (the qualname, which pickle looks up) keeps converted models
+        # picklable (torch.save of a whole model); `__name__` stays PEFT's, since `repr`,
+        # `get_layer_status()` / `get_model_status()` and code that matches class names read it.
+        fused.__name__ = cls.__name__
         globals()[name] = fused
         _fused_classes[cls] = fused
     return fused
@@ -355,8 +419,11 @@ def from_peft(model):
     Everything else (embeddings, convolutions, 8-bit and other quantized bases, other LoRA
     variants, lora_bias) keeps PEFT's path and is listed, with the reason, in one warning.
     At call time a converted layer still uses PEFT's path for what the fused op does not compute
-    (mixed-batch `adapter_names`, several adapters active at once in one layer) and warns once
-    per reason. Calling it again converts layers added since.
+    (mixed-batch `adapter_names`, several adapters active at once in one layer, hooks on the
+    submodules PEFT would call, a base weight that requires grad) and warns once per reason.
+    A scaling PEFT holds as a 0-d tensor (`prepare_model_for_compiled_hotswap`) is read as a
+    tensor, so hot-swapping a compiled model keeps working. The converted class keeps PEFT's name
+    (`repr`, `get_layer_status()`). Calling it again converts layers added since.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

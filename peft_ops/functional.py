@@ -126,7 +126,7 @@ class DoraLinearFunction(torch.autograd.Function):
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout):
+def _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout, seed):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
@@ -148,6 +148,8 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout):
     else:
         raise TypeError(f"weight: expected a dense [N, K] tensor or an NF4Weight, got {type(weight).__name__}")
     N, K = weight.shape
+    if K == 0:
+        raise ValueError(f"weight: expected in_features K >= 1, got shape {tuple(weight.shape)}")
     if x.shape[-1] != K:
         raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's in_features {K}")
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
@@ -172,10 +174,36 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout):
         dev = w_device if name == "weight" else (None if t is None else t.device)
         if dev is not None and dev != x.device:
             raise ValueError(f"{name}: on {dev}, but x is on {x.device}")
-    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"scaling: expected a Python number, got {type(scaling).__name__}")
+    if isinstance(scaling, torch.Tensor):
+        if scaling.dim() != 0 or not scaling.dtype.is_floating_point:
+            raise TypeError(f"scaling: expected a Python number or a 0-d float tensor, got a {scaling.dtype} "
+                            f"tensor of shape {tuple(scaling.shape)}")
+        if scaling.device != x.device and scaling.device.type != "cpu":
+            raise ValueError(f"scaling: on {scaling.device}, but x is on {x.device}")
+    elif isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling: expected a Python number or a 0-d float tensor, got {type(scaling).__name__}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout: expected a probability in [0, 1), got {type(dropout).__name__}")
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+    _check_seed(seed)
+
+
+_SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1   # what an int64 seed operand holds
+
+
+def _check_seed(seed):
+    if seed is None:
+        return
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise TypeError(f"seed: expected an int or a 0-d integer tensor, got a {seed.dtype} tensor of shape "
+                            f"{tuple(seed.shape)}")
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed: expected an int or a 0-d integer tensor, got {type(seed).__name__} {seed!r}")
+    if not _SEED_MIN <= seed <= _SEED_MAX:
+        raise ValueError(f"seed: expected an int64 value (-2**63 to 2**63 - 1), got {seed}")
 
 
 def _draw_seed():
@@ -200,7 +228,9 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
         weight: frozen base weight, a dense ``[N, K]`` tensor of x's dtype or an ``NF4Weight``
             (decoded in registers, never materialised; rounded to x's dtype as bitsandbytes does).
         lora_A: ``[r, K]``; lora_B: ``[N, r]``; in x's dtype or float32 (PEFT's default).
-        scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
+        scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA): a number, or a 0-d
+            float tensor (as PEFT's ``prepare_model_for_compiled_hotswap`` stores it), read as a
+            tensor operand so a compiled graph neither breaks on it nor recompiles when it changes.
         bias: optional ``[N]``. magnitude: optional DoRA magnitude ``[N]``.
         dropout: LoRA-input dropout probability, applied only when ``training``.
         seed: dropout seed (an int, or a 0-d integer tensor); drawn from torch's default
@@ -211,7 +241,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
         ``[..., N]`` in x's dtype. Gradients flow to x, lora_A, lora_B, magnitude and bias
         (each in its own dtype); the base weight is frozen.
     """
-    _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout)
+    _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout, seed)
     N, K = weight.shape
     p = float(dropout) if training else 0.0
     if not p:
@@ -231,6 +261,13 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
         return y if bias is None else y + bias.to(x.dtype)
     if bias is not None:
         bias = bias.contiguous()   # the epilogue reads it with unit stride (N elements)
+    if isinstance(scaling, torch.Tensor):
+        # s·(xa Bᵀ) = xa (s·B)ᵀ, and ‖W + s·B A‖ is the same with s folded into B. The ops take s
+        # as a float, which a tensor only becomes through `.item()`: a graph break under
+        # torch.compile, and a recompile whenever a hot-swap changes it. s·B ([N, r], kept for
+        # backward in B's place) is formed in fp32 so that no rounding to a 16-bit B is added;
+        # autograd carries its gradient back to lora_B (and to scaling, should it require grad).
+        lora_B, scaling = lora_B.float() * scaling, 1.0
     tensors, meta, offset = lib.weight_operands(weight)
     lead = tuple(x.shape[:-1])   # y comes out [*lead, N], its own tensor (not a view of [M, N])
     if magnitude is None:

@@ -6,6 +6,7 @@ The math lives in `peft_ops.functional.lora_linear`; these modules only pick the
 """
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -84,6 +85,37 @@ def nf4_of_bnb(module):
     if cache is None:
         cache = module.__dict__["_peft_ops_nf4_cache"] = _BnbNF4Cache()
     return cache.get(module.weight)
+
+
+def check_rank(r, what="r"):
+    """Raise TypeError / ValueError (naming `what`) unless `r` is a positive int."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"{what} must be a positive int, got {type(r).__name__} {r!r}")
+    if r <= 0:
+        raise ValueError(f"{what} must be a positive int, got {r!r}")
+
+
+def check_alpha(lora_alpha, what="lora_alpha"):
+    """Raise TypeError / ValueError (naming `what`) unless `lora_alpha` is a finite number."""
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+        raise TypeError(f"{what} must be a number, got {type(lora_alpha).__name__} {lora_alpha!r}")
+    if not math.isfinite(lora_alpha):
+        raise ValueError(f"{what} must be finite, got {lora_alpha!r}")
+
+
+def check_adapter_args(r, lora_alpha, lora_dropout, use_dora, use_rslora, where=""):
+    """Validate `LoraLinear`'s hyper-parameters; raise TypeError / ValueError naming the argument
+    (after `where`, e.g. the config file they came from)."""
+    check_rank(r, f"{where}r")
+    check_alpha(lora_alpha, f"{where}lora_alpha")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real):
+        raise TypeError(f"{where}lora_dropout must be a number in [0, 1), got {type(lora_dropout).__name__} "
+                        f"{lora_dropout!r}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"{where}lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    for name, flag in (("use_dora", use_dora), ("use_rslora", use_rslora)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{where}{name} must be a bool, got {type(flag).__name__} {flag!r}")
 
 
 def base_in_out_features(base):
@@ -364,12 +396,7 @@ class LoraLinear(nn.Module):
         elif isinstance(base_layer, nn.Linear) and type(base_layer).__module__.startswith("bitsandbytes"):
             raise TypeError(f"base_layer: bitsandbytes {type(base_layer).__name__} is not supported "
                             "(only NF4 Linear4bit)")
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool):
-            raise TypeError(f"lora_alpha must be a number, got {type(lora_alpha).__name__}")
-        if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        check_adapter_args(r, lora_alpha, lora_dropout, use_dora, use_rslora)
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -380,11 +407,11 @@ class LoraLinear(nn.Module):
             base_layer.weight.requires_grad_(False)
         self.in_features, self.out_features = base_in_out_features(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
-        self.r = r
+        self.r = int(r)
         self.lora_alpha = lora_alpha
         self.lora_dropout = float(lora_dropout)
-        self.use_dora = bool(use_dora)
-        self.use_rslora = bool(use_rslora)
+        self.use_dora = use_dora
+        self.use_rslora = use_rslora
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.merged = False
         self._merge_state = None  # what unmerge needs (DoRA norm, pre-merge NF4 weight)

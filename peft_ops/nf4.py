@@ -272,6 +272,9 @@ class NF4Weight:
         _check_float_dtype(weight.dtype, "weight.dtype")
         if weight.numel() == 0:
             raise ValueError(f"weight must have elements, got shape {tuple(weight.shape)}")
+        if weight.is_meta:
+            raise ValueError("weight is a meta tensor: it has a shape but no values to quantize "
+                             "(materialise it first, e.g. with module.to_empty() and real weights)")
         _check_blocksize(blocksize)
         if not isinstance(double_quant, bool):
             raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")

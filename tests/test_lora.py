@@ -360,10 +360,65 @@ def test_bad_inputs():
         peft_ops.lora_linear(x, W, A, B, 1.0, bias=torch.ones(5))
     with pytest.raises(ValueError, match="dropout"):
         peft_ops.lora_linear(x, W, A, B, 1.0, dropout=1.0)
+    with pytest.raises(TypeError, match="scaling: expected a Python number or a 0-d float tensor"):
+        peft_ops.lora_linear(x, W, A, B, torch.tensor([1.0]))
     with pytest.raises(TypeError, match="scaling"):
-        peft_ops.lora_linear(x, W, A, B, torch.tensor(1.0))
+        peft_ops.lora_linear(x, W, A, B, torch.tensor(1))
     with pytest.raises(ValueError, match="lora_A: on meta"):
         peft_ops.lora_linear(x, W, A.to("meta"), B, 1.0)
+    with pytest.raises(ValueError, match=r"weight: expected in_features K >= 1, got shape \(6, 0\)"):
+        peft_ops.lora_linear(torch.randn(4, 0), torch.randn(6, 0), torch.randn(2, 0), B, 1.0)
+    with pytest.raises(TypeError, match="dropout: expected a probability"):
+        peft_ops.lora_linear(x, W, A, B, 1.0, dropout="0.1", training=True)
+
+
+@pytest.mark.parametrize("seed, error, match", [
+    (2**64, ValueError, r"seed: expected an int64 value"),
+    (-(2**63) - 1, ValueError, r"seed: expected an int64 value"),
+    (1.7, TypeError, r"seed: expected an int or a 0-d integer tensor, got float"),
+    (True, TypeError, r"seed: .* got bool"),
+    (torch.tensor([1, 2]), TypeError, r"seed: .* tensor of shape \(2,\)"),
+    (torch.tensor(3.0), TypeError, r"seed: .* torch.float32 tensor"),
+])
+def test_bad_seed_is_refused_before_anything_runs(seed, error, match):
+    x, W = torch.randn(4, 8), torch.randn(6, 8)
+    A, B = torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
+    with pytest.raises(error, match=match):
+        peft_ops.lora_linear(x, W, A, B, 1.0, dropout=0.5, training=True, seed=seed)
+    assert A.grad is None and B.grad is None
+
+
+def test_int64_seed_range_is_accepted():
+    x, W = torch.randn(4, 8), torch.randn(6, 8)
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    for seed in (2**63 - 1, -(2**63), torch.tensor(5, dtype=torch.int32)):
+        peft_ops.lora_linear(x, W, A, B, 1.0, dropout=0.5, training=True, seed=seed)
+
+
+def test_nf4_quantize_refuses_a_meta_tensor():
+    with pytest.raises(ValueError, match="weight is a meta tensor"):
+        peft_ops.NF4Weight.quantize(torch.empty(4, 64, device="meta"))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_tensor_scaling_equals_float_scaling(backend, dora):
+    # PEFT's prepare_model_for_compiled_hotswap keeps the scaling as a 0-d tensor: the result and
+    # every gradient must be those of the same number given as a float (up to fp32 rounding: s is
+    # folded into B instead of scaling the product).
+    gen = torch.Generator().manual_seed(4)
+    x, W = torch.randn(5, 32, generator=gen).to(DEVICE), torch.randn(12, 32, generator=gen).to(DEVICE)
+    A, B = torch.randn(4, 32, generator=gen).to(DEVICE), torch.randn(12, 4, generator=gen).to(DEVICE)
+    m = (torch.rand(12, generator=gen) + 0.5).to(DEVICE) if dora else None
+
+    def run(scaling):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B) + ((m,) if dora else ())]
+        y = peft_ops.lora_linear(leaves[0], W, leaves[1], leaves[2], scaling,
+                                 magnitude=leaves[3] if dora else None)
+        y.backward(torch.ones_like(y))
+        return [y] + [t.grad for t in leaves]
+
+    for got, expected in zip(run(torch.tensor(0.75)), run(0.75)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_empty_batch_stays_in_the_graph():

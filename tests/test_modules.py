@@ -125,6 +125,10 @@ def test_constructor_validation():
         LoraLinear(nn.Embedding(4, 4))
     with pytest.raises(TypeError, match="lora_alpha"):
         LoraLinear(nn.Linear(4, 4), lora_alpha="8")
+    with pytest.raises(TypeError, match="use_dora must be a bool"):
+        LoraLinear(nn.Linear(4, 4), use_dora="no")
+    with pytest.raises(TypeError, match="lora_dropout must be a number"):
+        LoraLinear(nn.Linear(4, 4), lora_dropout=True)
     with pytest.raises(ValueError, match="in_features"):
         NF4Linear(0, 4)
 
@@ -225,6 +229,54 @@ def test_add_lora_errors():
     model = peft_ops.add_lora(_tiny(), ["up"])
     with pytest.raises(ValueError, match="already has an adapter"):
         peft_ops.add_lora(model, ["up"])
+
+
+def _snapshot(model):
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {n: (p.clone(), p.requires_grad) for n, p in model.named_parameters()})
+
+
+def _assert_unchanged(model, snapshot):
+    modules, params = _snapshot(model)
+    assert modules == snapshot[0]
+    assert params.keys() == snapshot[1].keys()
+    for n, (p, flag) in params.items():
+        assert torch.equal(p, snapshot[1][n][0]) and flag == snapshot[1][n][1], n
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(alpha_pattern={"up": "x"}), TypeError, r"alpha_pattern\['up'\] must be a number"),
+    (dict(alpha_pattern={"nowhere": "x"}), TypeError, r"alpha_pattern\['nowhere'\]"),   # even unmatched
+    (dict(rank_pattern={"up": 0}), ValueError, r"rank_pattern\['up'\] must be a positive int"),
+    (dict(rank_pattern={"(": 2}), ValueError, r"rank_pattern key '\(' is not a valid regular expression"),
+    (dict(lora_alpha=[1]), TypeError, r"lora_alpha must be a number, got list"),
+    (dict(lora_alpha=float("nan")), ValueError, r"lora_alpha must be finite"),
+    (dict(r="4"), TypeError, r"r must be a positive int, got str"),
+    (dict(use_dora="no"), TypeError, r"use_dora must be a bool, got str"),
+    (dict(use_rslora="x"), TypeError, r"use_rslora must be a bool, got str"),
+    (dict(lora_dropout="0.1"), TypeError, r"lora_dropout must be a number"),
+    (dict(lora_dropout=1.0), ValueError, r"lora_dropout must be in \[0, 1\)"),
+])
+def test_add_lora_validates_everything_before_changing_the_model(kwargs, error, match):
+    model = _tiny()
+    before = _snapshot(model)
+    with pytest.raises(error, match=match):
+        peft_ops.add_lora(model, ["q_proj", "up"], **kwargs)
+    _assert_unchanged(model, before)
+
+
+def test_add_lora_failing_construction_leaves_the_model_unchanged():
+    # The arguments are fine, but one base cannot be quantized (NaN weights): the layers built
+    # before it must not be in the model, and no flag may have moved.
+    model = _tiny()
+    with torch.no_grad():
+        model.blocks[1]["up"].weight[0, 0] = float("nan")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="NaN"):
+        peft_ops.add_lora(model, ["q_proj", "up"], quantize="nf4")
+    modules, params = _snapshot(model)
+    assert modules == before[0]
+    assert {n: f for n, (_, f) in params.items()} == {n: f for n, (_, f) in before[1].items()}
 
 
 def _randomize(model):
@@ -332,18 +384,62 @@ def _rewrite(tmp_path, sd):
     save_file(sd, tmp_path / "adapter_model.safetensors")
 
 
-def _assert_untouched_load_fails(tmp_path, match):
+def _assert_untouched_load_fails(tmp_path, match, error=ValueError):
     target = peft_ops.add_lora(_tiny(seed=3), ["q_proj", "up"], r=4)
     before = {n: p.clone() for n, p in target.state_dict().items()}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         peft_ops.load_adapter(target, tmp_path)
     for n, p in target.state_dict().items():  # validated before anything was copied
         assert torch.equal(p, before[n]), n
     # A model without layers is left without layers.
     plain = _tiny()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         peft_ops.load_adapter(plain, tmp_path)
     assert not any(isinstance(m, LoraLinear) for m in plain.modules())
+
+
+@pytest.mark.parametrize("value, what", [(float("nan"), "NaN"), (float("inf"), "Inf")])
+def test_load_rejects_non_finite_tensors(tmp_path, value, what):
+    sd = _checkpoint(tmp_path)
+    sd["base_model.model.blocks.1.up.lora_B.weight"][2, 1] = value
+    _rewrite(tmp_path, sd)
+    _assert_untouched_load_fails(tmp_path, r"adapter_model\.safetensors: .*blocks\.1\.up\.lora_B\.weight holds "
+                                           "NaN or Inf")
+
+
+def test_load_rejects_integer_tensors(tmp_path):
+    sd = _checkpoint(tmp_path)
+    key = "base_model.model.blocks.0.q_proj.lora_A.weight"
+    sd[key] = sd[key].round().to(torch.int32)
+    _rewrite(tmp_path, sd)
+    _assert_untouched_load_fails(tmp_path, r"blocks\.0\.q_proj\.lora_A\.weight holds torch\.int32 values")
+
+
+def _edit_config(tmp_path, edit):
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda c: c.pop("r"), ValueError, r"adapter_config\.json: no 'r' key"),
+    (lambda c: c.pop("lora_alpha"), ValueError, r"adapter_config\.json: no 'lora_alpha' key"),
+    (lambda c: c.update(r="4"), TypeError, r"adapter_config\.json: r must be a positive int, got str '4'"),
+    (lambda c: c.update(lora_dropout=1.5), ValueError, r"adapter_config\.json: lora_dropout must be in \[0, 1\)"),
+    (lambda c: c.update(use_dora="yes"), TypeError, r"adapter_config\.json: use_dora must be a bool"),
+    (lambda c: c.update(alpha_pattern={"up": "x"}), TypeError, r"alpha_pattern\['up'\] must be a number"),
+])
+def test_load_rejects_bad_config_values(tmp_path, edit, error, match):
+    _checkpoint(tmp_path)
+    _edit_config(tmp_path, edit)
+    _assert_untouched_load_fails(tmp_path, match, error)
+
+
+def test_load_rejects_invalid_json_naming_the_file(tmp_path):
+    _checkpoint(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"r": 4,')
+    _assert_untouched_load_fails(tmp_path, r"adapter_config\.json: not valid JSON")
 
 
 def test_load_rejects_missing_key(tmp_path):

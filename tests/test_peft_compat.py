@@ -393,3 +393,102 @@ def test_bnb_compute_dtype_with_fp32_activations(use_dora):
         scale = ref_grads[name].abs().max()
         err = (grads[name] - ref_grads[name]).abs().max()
         assert err <= 3e-2 * scale, f"{name}: {err} vs {scale}"
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["dense", "bnb4bit"])
+def test_converted_layers_keep_peft_names(quantize):
+    theirs = peft_llama(use_dora=True, quantize=quantize, layers=1)
+    ours = peft_ops.from_peft(peft_llama(use_dora=True, quantize=quantize, layers=1))
+    assert repr(ours) == repr(theirs)
+    assert ("lora.Linear4bit(" if quantize else "lora.Linear(") in repr(ours)
+    assert ours.get_layer_status() == theirs.get_layer_status()
+    assert ours.get_model_status() == theirs.get_model_status()
+
+
+def _count_fused_calls(monkeypatch):
+    calls = []
+    real = peft_ops.modules.lora_linear
+    monkeypatch.setattr(peft_ops.modules, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_hotswap_tensor_scaling_runs_fused_and_compiles_once(monkeypatch):
+    # prepare_model_for_compiled_hotswap turns every scaling into a 0-d tensor, and a hot-swap then
+    # fill_()s it: the fused path must take it, give PEFT's numbers, and a compiled layer must
+    # neither break its graph on it nor recompile when it changes.
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+    setup = dict(target_modules=["q_proj", "v_proj"], layers=1)
+    theirs, ours = peft_llama(False, **setup), peft_ops.from_peft(peft_llama(False, **setup))
+    prepare_model_for_compiled_hotswap(theirs)
+    prepare_model_for_compiled_hotswap(ours)
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.scaling["default"], torch.Tensor)
+    calls = _count_fused_calls(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no fallback
+        assert_same_numbers(ours, theirs)
+    assert len(calls) == 2
+    monkeypatch.undo()   # the counter's list would be a guarded input of the compiled graph
+
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    x = torch.randn(2, 3, 64)
+    reference = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reference(x), **FP32_TOL)
+        for module in (layer, reference):
+            module.scaling["default"].fill_(0.5)       # what a hot-swap does
+        torch.testing.assert_close(compiled(x), reference(x), **FP32_TOL)
+    assert len(compiles) == 1
+    assert any("peft_ops" in str(node.target) for node in compiles[0].graph.nodes)   # the fused op ran
+    torch._dynamo.reset()
+
+
+def test_hooks_on_peft_submodules_fall_back_and_fire(monkeypatch):
+    # Activation capture and weight-casting hooks on base_layer / lora_A run under PEFT: with
+    # hooks there, the layer must take PEFT's path (said once) so that they fire.
+    monkeypatch.setattr(peft_ops.convert, "_warned", set())
+    setup = dict(target_modules=["q_proj"], layers=1)
+    theirs, ours = peft_llama(False, **setup), peft_ops.from_peft(peft_llama(False, **setup))
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    fired = []
+    handles = [
+        layer.base_layer.register_forward_pre_hook(lambda m, args: fired.append("base pre")),
+        layer.base_layer.register_forward_hook(lambda m, args, out: fired.append("base")),
+        layer.lora_A["default"].register_forward_pre_hook(lambda m, args: fired.append("A pre")),
+        layer.lora_A["default"].register_forward_hook(lambda m, args, out: fired.append("A")),
+    ]
+    calls = _count_fused_calls(monkeypatch)
+    with pytest.warns(UserWarning, match=r"hooks on base_layer \(forward pre-hook, forward hook\), "
+                                         r"lora_A\['default'\] \(forward pre-hook, forward hook\)") as record:
+        assert_same_numbers(ours, theirs)
+        assert_same_numbers(ours, theirs)
+    assert sum("hooks on" in str(w.message) for w in record) == 1
+    assert fired == ["base pre", "base", "A pre", "A"] * 2 and calls == []
+    for handle in handles:
+        handle.remove()
+    assert_same_numbers(ours, theirs)
+    assert len(calls) == 1   # no hooks left: fused again
+
+
+def test_base_weight_that_requires_grad_falls_back(monkeypatch):
+    # FSDP1 with use_orig_params=True, or a user who unfroze the base: PEFT trains it, so must we.
+    monkeypatch.setattr(peft_ops.convert, "_warned", set())
+    setup = dict(target_modules=["q_proj"], layers=1)
+    theirs, ours = peft_llama(False, **setup), peft_ops.from_peft(peft_llama(False, **setup))
+    for model in (ours, theirs):
+        model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)
+    calls = _count_fused_calls(monkeypatch)
+    with pytest.warns(UserWarning, match="the base weight requires grad"):
+        grads = assert_same_numbers(ours, theirs)
+    assert any(name.endswith("q_proj.base_layer.weight") for name in grads) and calls == []
+    with torch.no_grad():   # nothing trains: the fused path is fine
+        ours(input_ids=batch()[0])
+    assert len(calls) == 1
