@@ -68,17 +68,25 @@ def available():
 
 
 class Launch:
-    """One distinct kernel launch: the kernel, its argument types, constexprs and options."""
+    """One distinct kernel launch: the kernel, its argument types, constexprs, the JIT's argument
+    specialization (16-byte alignment / divisibility, per argument) and the launch options."""
 
-    def __init__(self, kernel, signature, constexprs, options, where):
+    def __init__(self, kernel, signature, constexprs, options, where, attrs=None):
         self.kernel, self.signature, self.constexprs, self.options = kernel, signature, constexprs, options
+        self.attrs = attrs or {}
         self.where = where
         self.count = 1
 
     @property
     def key(self):
         return (self.kernel.__name__, tuple(self.signature.items()), tuple(self.constexprs.items()),
-                tuple(sorted(self.options.items())))
+                tuple(sorted(self.options.items())), tuple(sorted(self.attrs.items())))
+
+    def job(self):
+        """What `compile_sass` needs, picklable: (module, kernel name, signature, constexprs,
+        options, specialization keys)."""
+        return (self.kernel.fn.__module__, self.kernel.fn.__name__, self.signature, self.constexprs,
+                self.options, self.attrs)
 
     def label(self):
         flags = ", ".join(f"{k}={_short(v)}" for k, v in self.constexprs.items())
@@ -93,41 +101,70 @@ def _short(v):
 
 
 def _describe(fn, args, kwargs):
-    """Triton signature, constexprs and options of `fn(*args, **kwargs)` as a launch makes them."""
+    """Signature, constexprs, options and argument specialization of `fn(*args, **kwargs)` exactly
+    as Triton's JIT makes them (an int equal to 1 becomes a constexpr; pointers 16-byte aligned and
+    ints divisible by 16 are marked so), and the bound arguments by name.
+
+    The specialization matters: with it the compiler vectorizes loads and drops index arithmetic,
+    so compiling without it reads slower code than a GPU would run."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
     options = {k: v for k, v in kwargs.items() if k in _LAUNCH_OPTIONS}
     bound = inspect.signature(fn.fn).bind(*args, **{k: v for k, v in kwargs.items() if k not in options})
-    signature, constexprs = {}, {}
+    bound.apply_defaults()
+    signature, constexprs, attrs = {}, {}, {}
     for param in fn.params:
         value = bound.arguments[param.name]
         if param.is_constexpr:
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + _TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
-        else:
+            continue
+        if not isinstance(value, (torch.Tensor, bool, int, float)) and type(value).__name__ != "TensorDescriptor":
             raise TypeError(f"{fn.__name__}: cannot type argument {param.name}={value!r}")
-    return signature, constexprs, options
+        ty, key = native_specialize_impl(BaseBackend, value, param.is_const, not param.do_not_specialize,
+                                         not param.do_not_specialize_on_alignment)
+        if ty == "constexpr":
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = key
+            continue
+        signature[param.name] = ty
+        if isinstance(key, str) and key:
+            attrs[param.name] = key
+    return signature, constexprs, options, attrs, dict(bound.arguments)
+
+
+class Call:
+    """One launch as made: its distinct `launch`, the grid and the arguments by name."""
+
+    def __init__(self, launch, grid, arguments):
+        self.launch, self.arguments = launch, arguments
+        grid = tuple(grid(arguments) if callable(grid) else grid)
+        self.grid = grid + (1,) * (3 - len(grid))
 
 
 class Recorder:
-    """Collects the distinct launches made while `recording()` is active."""
+    """Collects the distinct launches made while `recording()` is active, and every call in order
+    (`calls`; `on_call`, when set, sees each one as it is made)."""
 
     def __init__(self):
         self.launches = {}
+        self.calls = []
+        self.on_call = None
         self.where = ""
 
-    def add(self, fn, args, kwargs):
-        launch = Launch(fn, *_describe(fn, args, kwargs), where=self.where)
+    def add(self, fn, args, kwargs, grid=(1,)):
+        signature, constexprs, options, attrs, arguments = _describe(fn, args, kwargs)
+        launch = Launch(fn, signature, constexprs, options, where=self.where, attrs=attrs)
         if launch.key in self.launches:
             self.launches[launch.key].count += 1
+            launch = self.launches[launch.key]
         else:
             self.launches[launch.key] = launch
+        call = Call(launch, grid, arguments)
+        self.calls.append(call)
+        if self.on_call is not None:
+            self.on_call(call)
 
 
 @contextlib.contextmanager
@@ -145,7 +182,7 @@ def recording(sm_count=H100_SMS):
     saved = (JITFunction.run, ops.use_triton, pnf4._use_triton, klora._sm_count)
 
     def run(self, *args, grid, warmup, **kwargs):
-        rec.add(self, args, kwargs)
+        rec.add(self, args, kwargs, grid)
 
     JITFunction.run = run
     ops.use_triton = lambda t: True
@@ -235,23 +272,31 @@ def record(quick=False):
 # lowering and reading the cubin
 # ----------------------------------------------------------------------------------------------
 
-def _lower(job):
+def compile_sass(job, ptxas_log=True):
+    """Compile one launch `job` (`Launch.job()`) for sm_90; returns the facts read from the cubin, and its SASS under "sass".
+
+    With `ptxas_log` the spill count comes from ptxas' own report, which it prints only when it
+    runs, so Triton's cache is bypassed; without, a cached compile is reused and the whole stack
+    frame counts as spill (an upper bound)."""
     import importlib
     import io
     from triton import knobs
 
-    kernel_module, kernel_name, signature, constexprs, options = job
+    from triton.compiler import make_backend
+
+    kernel_module, kernel_name, signature, constexprs, options, attrs = job
     kernel = getattr(importlib.import_module(kernel_module), kernel_name)
     params = [p.name for p in kernel.params]
+    backend = make_backend(HOPPER)
     src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(params.index(k),): v for k, v in constexprs.items()})
+                    constexprs={(params.index(k),): v for k, v in constexprs.items()},
+                    attrs={(params.index(k),): backend.parse_attr(v) for k, v in attrs.items()})
     opts = dict(options)
     opts.setdefault("num_warps", 4)
     opts.setdefault("num_stages", 3)
-    # ptxas' own report separates spills from the stack frame a call (an IEEE divide) needs; it
-    # is printed only when ptxas runs, so bypass Triton's cache.
-    knobs.nvidia.dump_ptxas_log = True
-    knobs.compilation.always_compile = True
+    # ptxas' report separates spills from the stack frame a call (an IEEE divide) needs.
+    knobs.nvidia.dump_ptxas_log = ptxas_log
+    knobs.compilation.always_compile = ptxas_log
     log = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(log):
@@ -269,19 +314,24 @@ def _lower(job):
         os.unlink(f.name)
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     stack = int(m.group(2))
-    # Without ptxas' report, count the whole stack frame as spill (an upper bound).
     spill = int(spills.group(2)) + int(spills.group(3)) if spills else stack
     return dict(registers=int(m.group(1)), spill_bytes=spill, stack_bytes=stack,
                 shared_bytes=compiled.metadata.shared,
                 hgmma=len(re.findall(r"\bHGMMA\b", sass)), hmma=len(re.findall(r"\bHMMA\b", sass)),
-                instructions=len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass)), compile_s=round(seconds, 1))
+                instructions=len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass)), compile_s=round(seconds, 1),
+                sass=sass)
+
+
+def _lower(job):
+    facts = compile_sass(job)
+    del facts["sass"]
+    return facts
 
 
 def lower(launches, workers=2):
     """Compile each launch for sm_90; returns one dict a launch (label, where, count, and the
     facts read from its cubin)."""
-    jobs = [(launch.kernel.fn.__module__, launch.kernel.fn.__name__, launch.signature, launch.constexprs,
-             launch.options) for launch in launches]
+    jobs = [launch.job() for launch in launches]
     with ProcessPoolExecutor(workers) as ex:
         facts = list(ex.map(_lower, jobs))
     rows = []
@@ -293,8 +343,8 @@ def lower(launches, workers=2):
 
 def _is_fp32(launch):
     """True for a launch on fp32 activations (an fp32 GEMM, or a rank kernel reading fp32 x/dy)."""
-    if launch.constexprs.get("DOT_DTYPE") == tl.float32:
-        return True
+    if launch.constexprs.get("DOT_DTYPE") == tl.float32 or launch.constexprs.get("RANK_PRECISION") == "ieee":
+        return True   # an fp32 GEMM, or an epilogue whose rank products are fp32 FMA dots
     # the rank reductions pair an activation-dtype operand with an fp32 one (gb, xa)
     operands = [launch.signature[name] for name in ("x_ptr", "l_ptr", "r_ptr") if name in launch.signature]
     return bool(operands) and all(t == "*fp32" for t in operands)
@@ -334,7 +384,8 @@ def format_table(rows):
 def summary(rows):
     """A few lines on what the lowering found, for the bench summary."""
     bad = [r for r in rows if r["verdict"] != "ok"]
-    gemms = [r for r in rows if r["kernel"] in ("_fused_linear_kernel", "_fused_linear_dx_kernel")]
+    gemms = [r for r in rows if r["kernel"] in ("_fused_linear_kernel", "_fused_linear_dx_kernel",
+                                                   "_gemm_forward_kernel", "_gemm_dx_kernel")]
     gemm16 = [r for r in gemms if not r["fp32"]]
     lines = [f"sm_90 lowering (compile-time facts, no kernel ran): {len(rows)} distinct launches of "
              f"{len({r['kernel'] for r in rows})} kernels; most registers {max(r['registers'] for r in rows)} a thread, "

@@ -57,7 +57,8 @@ def _seed(seed: Optional[Tensor]) -> int:
 def _exact(t: Tensor):
     """Autocast off: an op computes in its own precision even when backward runs inside an
     autocast region (the twins' fp32 matmuls would otherwise drop to bf16)."""
-    if torch.is_autocast_enabled(t.device.type):
+    # meta tensors (shape-only runs, as the bench's static model makes) have no autocast
+    if t.device.type != "meta" and torch.is_autocast_enabled(t.device.type):
         return torch.autocast(t.device.type, enabled=False)
     return contextlib.nullcontext()
 

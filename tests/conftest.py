@@ -7,7 +7,27 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+
+def _import_bench():
+    """Make `bench` importable: it lives at the repo root, which is not on sys.path under `pytest`
+    (and must not be: the root also holds `kernels/`, a name that belongs to another distribution),
+    so it is loaded by path."""
+    if "bench" not in sys.modules:
+        root = Path(__file__).resolve().parents[1] / "bench"
+        spec = importlib.util.spec_from_file_location("bench", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench"] = module
+        spec.loader.exec_module(module)
+
+
+_import_bench()
 
 # `ci` (default): 25 examples a property, no deadline (the interpreter takes ~0.2-2 s per fused call).
 # `thorough`: many more examples, for a GPU machine or a long local run:
