@@ -664,17 +664,23 @@ def trace_case(case, provider, sm_count=132):
     """(events, note) of one provider running one case on meta tensors."""
     from .providers import make_layer
 
+    from peft_ops import strategy
+
     inputs = meta_inputs(case)
     with _meta_friendly_peft():
         layer = make_layer(provider, case, inputs)
     run = layer.closure(case, inputs)
+    before = strategy.counts()
     with tracing(sm_count) as events:
         run()
+    if provider == "peft_ops":
+        # the strategies the rule picks (the model's meta tensors are never timed)
+        return events, "Triton; " + strategy.describe(before, strategy.counts())
     return events, layer.note
 
 
 def strategy_of(events):
-    """The peft_ops strategy a trace ran (the kernels it launched, in order, without repeats)."""
+    """The kernels a trace launched, in order, without repeats."""
     names = [e.launch.kernel.__name__ for e in events if isinstance(e, lowering.Call)]
     return " + ".join(dict.fromkeys(n.strip("_").replace("_kernel", "") for n in names))
 
@@ -804,7 +810,7 @@ def rows_for(pred: Prediction, env, ratios=None):
     ratio against each other provider of the case."""
     from .suite import _row
 
-    note = f"{LABEL}; bound: {pred.bound}" + (f"; strategy: {pred.strategy}" if pred.strategy else "")
+    note = f"{LABEL}; bound: {pred.bound}" + (f"; kernels: {pred.strategy}" if pred.strategy else "")
     if pred.note:
         note += f"; {pred.note}"
     env = dict(env, device=f"{pred.gpu.name} (static model)")

@@ -83,12 +83,65 @@ def _nf4_dequantize_kernel(
     out_ptr, packed_ptr,
     # quantization statistics
     absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
-    numel,
+    # which blocks: `n_blocks` blocks of a sub-rectangle `block_cols` blocks wide whose first
+    # block is (row0, col_block0); rows of the weight hold `row_blocks` blocks (K / BLOCKSIZE;
+    # a flat weight is one row of all its whole blocks)
+    first, n_blocks, row0, col_block0, block_cols, row_blocks, ld_out,
+    # optional per-row factor (DoRA's m/n folded into a decode buffer), read at row0 + r
+    row_scale_ptr,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCKS: tl.constexpr, WIDE: tl.constexpr, MASKED: tl.constexpr, ROW_SCALE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    """Whole quantization blocks to a dense buffer, a tile row per block: its bytes are one
+    contiguous run, its scale one value. Each byte becomes one output word holding its two
+    values (the even element in the low half: the byte's high nibble), so the stores are as
+    contiguous as the loads; WIDE words are two fp32, else two 16-bit values. With ROW_SCALE
+    the fp32 value is multiplied by the row's factor before its one rounding."""
+    t = first + tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    r = t // block_cols
+    c = t - r * block_cols
+    block = (row0 + r).to(tl.int64) * row_blocks + col_block0 + c
+    pair = tl.arange(0, BLOCKSIZE // 2)
+    src = block[:, None] * (BLOCKSIZE // 2) + pair[None, :]
+    dst = (r.to(tl.int64) * ld_out + c * BLOCKSIZE)[:, None] // 2 + pair[None, :]
+    if MASKED:
+        live = t < n_blocks
+        byte = tl.load(packed_ptr + src, mask=live[:, None], other=0).to(tl.int32)
+        scale = nf4_scale(block, live, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                          DOUBLE_QUANT, NESTED_BLOCKSIZE)[:, None]
+    else:
+        byte = tl.load(packed_ptr + src).to(tl.int32)
+        scale = nf4_scale(block, True, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                          DOUBLE_QUANT, NESTED_BLOCKSIZE)[:, None]
+    even = tl.load(code_ptr + (byte >> 4)) * scale
+    odd = tl.load(code_ptr + (byte & 0xF)) * scale
+    if ROW_SCALE:
+        factor = tl.load(row_scale_ptr + row0 + r)[:, None]
+        even *= factor
+        odd *= factor
+    if WIDE:
+        word = even.to(tl.uint32, bitcast=True).to(tl.uint64) | (odd.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+    else:
+        half = out_ptr.dtype.element_ty   # the 16-bit float the words hold, passed as a typed view
+        word = (even.to(half).to(tl.uint16, bitcast=True).to(tl.uint32)
+                | (odd.to(half).to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
+    words = out_ptr.to(tl.pointer_type(tl.uint64 if WIDE else tl.uint32))
+    if MASKED:
+        tl.store(words + dst, word, mask=live[:, None])
+    else:
+        tl.store(words + dst, word)
+
+
+@triton.jit
+def _nf4_dequantize_tail_kernel(
+    out_ptr, packed_ptr,
+    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
+    start, numel,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Elements start..numel one by one: the partial last block of a flat weight (at most
+    BLOCKSIZE - 1 elements), where a block's bytes and an odd element count do not line up."""
+    idx = start + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = idx < numel
     byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
     nibble = (byte >> ((1 - (idx & 1)) * 4).to(tl.int32)) & 0xF
@@ -110,20 +163,69 @@ def stats_args(w):
     return (w.absmax, w.absmax, w.absmax, 0.0, w.code, False, 256)
 
 
+# about 4096 elements a program: the whole blocks of one 16-byte load a thread at 4 warps
+_ELEMENTS_PER_PROGRAM = 4096
+
+
+def _launch_blocks(out, w, first_row, col_block0, rows, block_cols, row_blocks, ld_out, row_scale=None):
+    """Dequantize `rows` x `block_cols` whole blocks into `out` (a contiguous buffer with row
+    stride `ld_out`), optionally times `row_scale[first_row + r]`: full programs unmasked, the
+    ragged rest in one masked program."""
+    absmax, nested, nested_code, offset, code, dq, nbs = stats_args(w)
+    n_blocks = rows * block_cols
+    BLOCKS = max(1, min(_ELEMENTS_PER_PROGRAM // w.blocksize, triton.next_power_of_2(n_blocks)))
+    wide = out.element_size() == 4
+    meta = dict(BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nbs, BLOCKS=BLOCKS, WIDE=wide,
+                ROW_SCALE=row_scale is not None, num_warps=4, enable_fp_fusion=False)
+    full = n_blocks // BLOCKS
+    args = (out, w.packed, absmax, nested, nested_code, offset, code)
+    scale = row_scale if row_scale is not None else absmax
+    if full:
+        _nf4_dequantize_kernel[(full,)](*args, 0, n_blocks, first_row, col_block0, block_cols, row_blocks, ld_out,
+                                        scale, MASKED=False, **meta)
+    if full * BLOCKS < n_blocks:
+        _nf4_dequantize_kernel[(1,)](*args, full * BLOCKS, n_blocks, first_row, col_block0, block_cols, row_blocks,
+                                     ld_out, scale, MASKED=True, **meta)
+
+
 def nf4_dequantize(w, dtype):
     """Dense `dtype` copy of the NF4Weight-like `w` (shape `w.shape`), decoded by Triton."""
-    numel = w.shape[0] * w.shape[1]
+    N, K = w.shape
     # Under the interpreter this decodes to fp32 and torch rounds (SPEC §5), so the bytes still
     # match bitsandbytes.
     out = torch.empty(w.shape, dtype=store_dtype(dtype), device=w.packed.device)
-    absmax, nested, nested_code, offset, code, dq, nbs = stats_args(w)
-    BLOCK = 1024
-    _nf4_dequantize_kernel[(triton.cdiv(numel, BLOCK),)](
-        out, w.packed, absmax, nested, nested_code, offset, code, numel,
-        BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nbs, BLOCK=BLOCK,
-        enable_fp_fusion=False,
-    )
+    if K % w.blocksize == 0:
+        _launch_blocks(out, w, 0, 0, N, K // w.blocksize, K // w.blocksize, K)
+    else:
+        # blocks straddle rows: the weight as one flat row of whole blocks, then the partial last one
+        numel = N * K
+        whole = numel // w.blocksize
+        if whole:
+            _launch_blocks(out, w, 0, 0, 1, whole, whole, whole * w.blocksize)
+        if whole * w.blocksize < numel:
+            absmax, nested, nested_code, offset, code, dq, nbs = stats_args(w)
+            _nf4_dequantize_tail_kernel[(1,)](
+                out, w.packed, absmax, nested, nested_code, offset, code, whole * w.blocksize, numel,
+                BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nbs,
+                BLOCK=triton.next_power_of_2(numel - whole * w.blocksize), enable_fp_fusion=False)
     return out if out.dtype == dtype else out.to(dtype)
+
+
+def nf4_dequantize_rows(w, row0, rows, out):
+    """Rows row0..row0+rows of an NF4 weight whose rows hold whole blocks (K % blocksize == 0),
+    into `out` [rows, K]: the transient buffer of the decode-once forward."""
+    K = w.shape[1]
+    _launch_blocks(out, w, row0, 0, rows, K // w.blocksize, K // w.blocksize, out.stride(0))
+    return out
+
+
+def nf4_dequantize_cols(w, col0, cols, out, row_scale=None):
+    """Columns col0..col0+cols (multiples of the block size) of every row, into `out` [N, cols],
+    each row times `row_scale` when given: the transient buffer of the decode-once dx."""
+    K = w.shape[1]
+    _launch_blocks(out, w, 0, col0 // w.blocksize, w.shape[0], cols // w.blocksize, K // w.blocksize,
+                   out.stride(0), row_scale)
+    return out
 
 
 # --- quantize ---------------------------------------------------------------------------------

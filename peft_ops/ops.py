@@ -11,9 +11,11 @@ autograd Functions above them are backend-agnostic.
 import torch
 import torch.nn.functional as F
 
+from . import strategy
 from .kernels import _config
 from .kernels import dora as _dora
 from .kernels import dropout as _dropout
+from .kernels import gemm as _gemm
 from .kernels import lora as _lora
 
 
@@ -107,8 +109,16 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
     """Forward GEMM with epilogue; returns y, or (y, z) with `save_z` (DoRA's pre-scale output).
     For DoRA with dropout, xd = keep ⊙ x and inv_keep = 1/(1-p)."""
     if use_triton(x):
-        return _lora.fused_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn, xd=xd,
-                                  inv_keep=inv_keep, save_z=save_z)
+        kw = dict(bias=bias, mn=mn, xd=xd, inv_keep=inv_keep, save_z=save_z)
+        budget = strategy.buffer_mib() << 20
+        candidates = {
+            "fused": lambda: _lora.fused_linear(x, weight, xa, lora_B, scaling, **kw),
+            "dequant_gemm": lambda: _gemm.gemm_forward(x, weight, xa, lora_B, scaling, buffer_bytes=budget, **kw),
+            "dequant_cublas": lambda: _gemm.gemm_forward(x, weight, xa, lora_B, scaling, buffer_bytes=budget,
+                                                         backend="cublas", **kw),
+        }
+        flags = dict(dora=mn is not None, second=xd is not None, bias=bias is not None, z=save_z)
+        return candidates[strategy.choose("forward", x, weight, flags, candidates)]()
     w = dense_weight(weight, x.dtype).float()
     acc = F.linear(x.float(), w)
     lora = (xa @ lora_B.float().t()) * scaling
@@ -132,9 +142,19 @@ def fused_linear_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_s
     """dx = (dy ⊙ col_scale) W + D ⊙ (s·gb A + (dy ⊙ second_scale) W)."""
     out_dtype = out_dtype or dy.dtype
     if use_triton(dy):
-        return _lora.fused_linear_dx(dy, weight, gb, lora_A, scaling, col_scale=col_scale,
-                                     second_scale=second_scale, dropout=dropout, seed=seed,
-                                     out_dtype=out_dtype)
+        kw = dict(col_scale=col_scale, second_scale=second_scale, dropout=dropout, seed=seed, out_dtype=out_dtype)
+        budget = strategy.buffer_mib() << 20
+        candidates = {
+            "fused": lambda: _lora.fused_linear_dx(dy, weight, gb, lora_A, scaling, **kw),
+            # the TMA GEMM reads dy by 16-byte rows: an expanded or strided dy is copied once
+            "dequant_gemm": lambda: _gemm.gemm_dx(dy.contiguous(), weight, gb, lora_A, scaling,
+                                                  buffer_bytes=budget, **kw),
+        }
+        if dy.dtype != out_dtype:
+            del candidates["dequant_gemm"]   # the GEMM reads dy as dx's own 16-bit type
+        flags = dict(dora=col_scale is not None or second_scale is not None, second=second_scale is not None,
+                     dropout=dropout > 0)
+        return candidates[strategy.choose("dx", dy, weight, flags, candidates)]()
     w = dense_weight(weight, out_dtype).float()
     g = dy.float() if col_scale is None else dy.float() * col_scale
     acc = g @ w

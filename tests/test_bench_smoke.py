@@ -7,32 +7,16 @@ them is asserted; speed targets are checked by `python -m bench`, never by tests
 
 import csv
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-
-def _import_bench():
-    """`bench` lives at the repo root, which is not on sys.path under `pytest` (and must not be:
-    the root also holds `kernels/`, a name that belongs to another distribution)."""
-    if "bench" not in sys.modules:
-        root = Path(__file__).resolve().parents[1] / "bench"
-        spec = importlib.util.spec_from_file_location("bench", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench"] = module
-        spec.loader.exec_module(module)
-
-
-_import_bench()
-
-from bench import cases as C  # noqa: E402
-from bench.__main__ import main as bench_main  # noqa: E402
-from bench.memory import MIB, layer_saved_bytes, saved_bytes  # noqa: E402
-from bench.providers import PROVIDERS, Inputs, make_layer  # noqa: E402
-from bench.suite import COLUMNS, Config, run_suite  # noqa: E402
+# `bench` is imported by path in conftest.py (the repo root is not on sys.path under pytest)
+from bench import cases as C
+from bench.__main__ import main as bench_main
+from bench.memory import MIB, layer_saved_bytes, saved_bytes
+from bench.providers import PROVIDERS, Inputs, make_layer
+from bench.suite import COLUMNS, Config, run_suite
 
 HAVE_PEFT_BNB = all(importlib.util.find_spec(m) for m in ("peft", "bitsandbytes"))
 

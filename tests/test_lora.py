@@ -30,13 +30,18 @@ ADAPTER_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DEVICE = torch.device(os.environ.get("PEFT_OPS_TEST_DEVICE", "cpu"))
 
 
-@pytest.fixture(params=["triton", "twin"])
+@pytest.fixture(params=["triton", "triton-decode-once", "twin"])
 def backend(request, monkeypatch):
-    """Run the test on the Triton kernels (interpreter) or on the PyTorch twins."""
+    """Run the test on the Triton kernels (interpreter) as the strategy rule picks them, on the
+    Triton kernels with the decode-once GEMMs pinned wherever a call can take them (small shapes
+    would otherwise never reach them), or on the PyTorch twins."""
+    monkeypatch.delenv("PEFT_OPS_STRATEGY", raising=False)
     if request.param == "twin":
         monkeypatch.setattr(ops, "use_triton", lambda t: False)
     else:
         assert _config.interpreting() or DEVICE.type == "cuda", "tests/conftest.py sets TRITON_INTERPRET=1"
+        if request.param == "triton-decode-once":
+            monkeypatch.setenv("PEFT_OPS_STRATEGY", "dequant_gemm")
     return request.param
 
 

@@ -40,7 +40,7 @@ def meta(*shape, dtype=torch.float32):
 
 # 1. the loop finder on a kernel of known structure
 # a wide block: tiny loop bodies get unrolled by LLVM (a main loop plus remainder loops)
-calls = record(lambda: probe.nested_then_flat[(6,)](meta(35 * 2048), meta(6 * 2048), 5, 7, BLOCK=2048,
+calls = record(lambda: probe.nested_then_flat[(6,)](meta(35 * 8192), meta(6 * 8192), 5, 7, BLOCK=8192,
                                                     enable_fp_fusion=False))
 call = calls[0]
 facts = model.analyse(model._job(call.launch))
@@ -59,8 +59,8 @@ out["expected_warp_instructions"] = expected * 4 * 6   # 4 warps, 6 programs
 
 # 2. a wasteful variant of the same decode loop is predicted slower
 def decode(kernel):
-    calls = record(lambda: kernel[(528,)](meta(528 * 64 * 2048, dtype=torch.uint8), meta(32), meta(528 * 64),
-                                          meta(528 * 2048), 64, BLOCK=2048,
+    calls = record(lambda: kernel[(528,)](meta(528 * 64 * 8192, dtype=torch.uint8), meta(32), meta(528 * 64),
+                                          meta(528 * 8192), 64, BLOCK=8192,
                                           enable_fp_fusion=False))
     model.LOOPS[kernel.__name__] = lambda a: [model.LoopSpec("t", a["trips"], hot=True)]
     facts = model.analyse(model._job(calls[0].launch))

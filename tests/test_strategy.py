@@ -1,0 +1,112 @@
+"""The strategies behind the base GEMM (`peft_ops.strategy`): the decode-once GEMMs against the
+fp64 reference and against the fused kernels, their bounded buffers, the rule, the pin and its
+warning. Kernels run in Triton's interpreter (TRITON_INTERPRET=1 from conftest)."""
+
+import warnings
+
+import pytest
+import torch
+
+import peft_ops
+from peft_ops import strategy
+from peft_ops.kernels import _config
+from peft_ops.kernels import gemm as kgemm
+from peft_ops.kernels import lora as klora
+
+from test_lora import run_case
+
+pytestmark = pytest.mark.skipif(not _config.interpreting(), reason="the strategies run Triton kernels; "
+                                "tests/conftest.py sets TRITON_INTERPRET=1 for them on CPU")
+
+
+def _decisions(fn):
+    before = strategy.counts()
+    fn()
+    return strategy.counts() - before
+
+
+@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "dense"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_decode_once_matches_reference(monkeypatch, nf4, dora, p):
+    # 70 rows: above the rule's threshold, two row tiles; N = 40 and K = 128: ragged N tiles
+    monkeypatch.delenv("PEFT_OPS_STRATEGY", raising=False)
+    made = _decisions(lambda: run_case(lead=(2, 35), N=40, K=128, r=6, dtype=torch.bfloat16,
+                                       adapter_dtype=torch.float32, nf4=nf4, dora=dora, bias=True, p=p))
+    assert made[("forward", "dequant_gemm", "rule")] == 1, made
+    assert made[("dx", "dequant_gemm", "rule")] == 1, made
+
+
+def test_small_m_and_unaligned_k_stay_fused(monkeypatch):
+    monkeypatch.delenv("PEFT_OPS_STRATEGY", raising=False)
+    small = _decisions(lambda: run_case(lead=(5,), N=24, K=64, r=2, dtype=torch.bfloat16,
+                                        adapter_dtype=torch.float32, nf4=True, dora=False, bias=False, p=0.0))
+    assert small[("forward", "fused", "rule")] == 1 and small[("dx", "fused", "rule")] == 1, small
+    odd = _decisions(lambda: run_case(lead=(80,), N=24, K=97, r=2, dtype=torch.bfloat16,
+                                      adapter_dtype=torch.float32, nf4=True, dora=False, bias=False, p=0.0,
+                                      blocksize=32))
+    assert odd[("forward", "fused", "only eligible")] == 1, odd
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_buffers_equal_one_pass(dtype):
+    # A buffer of a few rows forces several chunks; each must add up to the one-pass result.
+    gen = torch.Generator().manual_seed(0)
+    M, N, K, R = 70, 200, 128, 5
+    W = peft_ops.NF4Weight.quantize(torch.randn(N, K, generator=gen).to(dtype), blocksize=64)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    xa, B = torch.randn(M, R, generator=gen), torch.randn(N, R, generator=gen)
+    mn = torch.rand(N, generator=gen) + 0.5
+    xd = torch.where(torch.rand(M, K, generator=gen) > 0.3, x, torch.zeros((), dtype=dtype))
+    bias = torch.randn(N, generator=gen).to(dtype)
+    for kw in (dict(bias=bias), dict(mn=mn, save_z=True), dict(mn=mn, xd=xd, inv_keep=1.5, save_z=True, bias=bias)):
+        ref = klora.fused_linear(x, W, xa, B, 0.7, **kw)
+        for backend in ("triton", "cublas"):
+            one = kgemm.gemm_forward(x, W, xa, B, 0.7, backend=backend, **kw)
+            chunked = kgemm.gemm_forward(x, W, xa, B, 0.7, buffer_bytes=60 * K * 2, backend=backend, **kw)
+            for a, b, c in zip(*(t if isinstance(t, tuple) else (t,) for t in (ref, one, chunked))):
+                assert torch.equal(b, c), f"{backend} {list(kw)}: chunks differ from one pass"
+                torch.testing.assert_close(b.float(), a.float(), atol=3e-2 * a.abs().max().item(), rtol=0)
+    dy = torch.randn(M, N, generator=gen).to(dtype)
+    gb, A = torch.randn(M, R, generator=gen), torch.randn(R, K, generator=gen)
+    for kw in (dict(), dict(dropout=0.3, seed=5), dict(col_scale=mn), dict(second_scale=mn - 1, dropout=0.2, seed=9)):
+        ref = klora.fused_linear_dx(dy, W, gb, A, 0.7, **kw)
+        one = kgemm.gemm_dx(dy, W, gb, A, 0.7, **kw)
+        chunked = kgemm.gemm_dx(dy, W, gb, A, 0.7, buffer_bytes=64 * N * 2 * 2, **kw)
+        assert torch.equal(one, chunked), f"dx {list(kw)}: chunks differ from one pass"
+        torch.testing.assert_close(one.float(), ref.float(), atol=3e-2 * ref.abs().max().item(), rtol=0)
+
+
+def test_pin_runs_the_pinned_candidate_and_warns_once_when_it_cannot(monkeypatch):
+    monkeypatch.setenv("PEFT_OPS_STRATEGY", "forward=dequant_cublas,dx=fused")
+    made = _decisions(lambda: run_case(lead=(6,), N=16, K=64, r=2, dtype=torch.bfloat16,
+                                       adapter_dtype=torch.float32, nf4=True, dora=False, bias=False, p=0.0))
+    assert made[("forward", "dequant_cublas", "pinned")] == 1 and made[("dx", "fused", "pinned")] == 1, made
+    monkeypatch.setenv("PEFT_OPS_STRATEGY", "dequant_gemm")
+    x, W = torch.randn(80, 32), torch.randn(8, 32)   # fp32: the decode-once GEMM is 16-bit only
+    A, B = torch.randn(2, 32), torch.randn(8, 2)
+    strategy._warned.clear()
+    with pytest.warns(UserWarning, match="pins forward=dequant_gemm, but this call has torch.float32 activations"):
+        made = _decisions(lambda: peft_ops.lora_linear(x, W, A, B, 1.0))
+    assert made[("forward", "fused", "pinned, not eligible")] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # once per reason, not once per call
+        peft_ops.lora_linear(x, W, A, B, 1.0)
+
+
+def test_bad_pins_name_the_variable(monkeypatch):
+    for value, match in (("fastest", "forward strategy must be one of"), ("backward=fused", "unknown op"),
+                         ("dx=dequant_cublas", "dx strategy must be one of")):
+        monkeypatch.setenv("PEFT_OPS_STRATEGY", value)
+        with pytest.raises(ValueError, match="PEFT_OPS_STRATEGY: " + match):
+            peft_ops.lora_linear(torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    monkeypatch.delenv("PEFT_OPS_STRATEGY")
+    monkeypatch.setenv("PEFT_OPS_DEQUANT_BUFFER_MIB", "0")
+    with pytest.raises(ValueError, match="PEFT_OPS_DEQUANT_BUFFER_MIB: expected a positive integer"):
+        peft_ops.lora_linear(torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2), 1.0)
+
+
+def test_rule_threshold():
+    assert strategy.rule("forward", strategy.RULE_MIN_M - 1, "") == "fused"
+    assert strategy.rule("forward", strategy.RULE_MIN_M, "") == "dequant_gemm"
+    assert strategy.rule("dx", 4096, "fp32 activations") == "fused"
