@@ -141,7 +141,9 @@ def _dx_config(M):
 
 def _chunks(total, unit, per_unit_bytes, budget):
     """(start, size) chunks of `total` rows (or columns) in multiples of `unit`, each at most
-    `budget` bytes at `per_unit_bytes` a row (at least one unit)."""
+    `budget` bytes at `per_unit_bytes` a row (at least one unit); one chunk when `budget` is None."""
+    if budget is None:
+        return [(0, total)]
     step = max(unit, (budget // max(per_unit_bytes, 1)) // unit * unit)
     return [(s, min(step, total - s)) for s in range(0, total, step)]
 
@@ -184,7 +186,7 @@ def gemm_forward(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
     BLOCK_R = _rank_block(R)
     cfg = _forward_config(M, mn is not None, second)
     quantized = not isinstance(weight, torch.Tensor)
-    budget = buffer_bytes if quantized else float("inf")
+    budget = buffer_bytes if quantized else None   # a dense weight is read in place
     unit = cfg["BLOCK_N"] if not quantized else max(cfg["BLOCK_N"], weight.blocksize)
     mn_arg = mn if mn is not None else xa
     bias_arg = bias if bias is not None else xa
@@ -248,7 +250,7 @@ def gemm_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_scale=Non
     quantized = not isinstance(weight, torch.Tensor)
     scaled = col_scale is not None or second_scale is not None
     buffers = 2 if second_scale is not None else 1
-    budget = buffer_bytes // buffers if quantized or scaled else float("inf")
+    budget = buffer_bytes // buffers if quantized or scaled else None
     unit = cfg["BLOCK_K"] if not quantized else max(cfg["BLOCK_K"], weight.blocksize)
     dy_desc = _desc(dy, [cfg["BLOCK_M"], cfg["BLOCK_N"]])
     for k0, cols in _chunks(K, unit, N * dy.element_size(), budget):

@@ -12,9 +12,9 @@ Shapes (SPEC §3): x [M, K], W [N, K], A [r, K], B [N, r]; xa = drop(x) Aᵀ is 
 
 The weight tile is decoded from NF4 (or loaded dense) straight into registers; no dense copy of
 W is ever written. Accumulation is fp32. The rank-sized products carry the fp32 adapter's
-precision, as PEFT's fp32 matmuls do: the shrink, dA and dB in "ieee" fp32 on the FMA units (they
-are r/K of the work), the epilogues' products in "tf32x3" on the tensor cores beside a 16-bit GEMM
-(fp32-accurate, and added straight into its accumulator) and in "ieee" beside an fp32 one. Every
+precision, as PEFT's fp32 matmuls do: with 16-bit activations in "tf32x3" on the tensor cores
+(fp32-accurate; in the epilogues added straight into the GEMM's accumulator), with fp32
+activations in "ieee" on the FMA units, as torch's fp32 matmul. Every
 rank loop walks r in chunks of at most 32, so r = 256 costs time, not registers. Split reductions
 write fp32 partials that the launcher sums in a fixed order, so results are deterministic.
 """
@@ -133,7 +133,7 @@ def _lora_shrink_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak, stride_os, stride_om, stride_xdm,
     # dropout on x
     seed, p, inv_keep,
-    DROPOUT: tl.constexpr, WRITE_XD: tl.constexpr,
+    DROPOUT: tl.constexpr, WRITE_XD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[split] = drop(x)[:, split's K range] · A[:, same]ᵀ in fp32, one chunk of BLOCK_R ranks
@@ -163,7 +163,7 @@ def _lora_shrink_kernel(
             x = x * d
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(x, tl.trans(a), input_precision="ieee")
+        acc += tl.dot(x, tl.trans(a), input_precision=PRECISION)
     tl.store(out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_r[None, :], acc,
              mask=mask_m[:, None] & mask_r[None, :])
 
@@ -323,7 +323,7 @@ def _outer_reduce_kernel(
     M, P, Q, m_per_split,
     stride_lm, stride_lp, stride_rm, stride_rq, stride_os, stride_op,
     seed, p, inv_keep,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """out[split] = Σ_m L[m, :]ᵀ R'[m, :] over the split's rows, fp32; R' = R ⊙ D with dropout
@@ -346,7 +346,7 @@ def _outer_reduce_kernel(
                       mask=mask_m[:, None] & mask_q[None, :], other=0.0).to(tl.float32)
         if DROPOUT:
             rhs = rhs * dropout_scale(seed, offs_m[:, None] * Q + offs_q[None, :], p, inv_keep)
-        acc += tl.dot(tl.trans(lhs), rhs, input_precision="ieee")
+        acc += tl.dot(tl.trans(lhs), rhs, input_precision=PRECISION)
     tl.store(out_ptr + pid_s * stride_os + offs_p[:, None] * stride_op + offs_q[None, :], acc,
              mask=mask_p[:, None] & mask_q[None, :])
 
@@ -402,6 +402,16 @@ def _dot_args(dtype):
     if dot == tl.float32:
         return dict(DOT_DTYPE=dot, DOT_PRECISION="ieee", RANK_PRECISION="ieee")
     return dict(DOT_DTYPE=dot, DOT_PRECISION="tf32", RANK_PRECISION="tf32x3")
+
+
+def _rank_precision(*operands) -> str:
+    """Products of the rank-sized kernels (shrink, dA, dB): with a 16-bit activation among the
+    operands "tf32x3" on the tensor cores (fp32-accurate: the 16-bit operand is exact in tf32 and
+    the fp32 one is split in two), else "ieee" FMA products, as torch's fp32 matmul. Those kernels
+    are r/K of the GEMM's work but, on the FMA units, as slow as a third of it at M = 4096."""
+    if any(t.dtype in (torch.float16, torch.bfloat16) for t in operands):
+        return "tf32x3"
+    return "ieee"
 
 
 def _rank_block(R: int, limit: int = 16) -> int:
@@ -492,11 +502,16 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
     R = a.shape[0]
     # Rank chunks of 16 with the Philox state live, else 32; a program per chunk.
     BLOCK_R = _rank_block(R, 16 if dropout else 32)
+    precision = _rank_precision(x)
     if interpreting():
         BLOCK_M, BLOCK_K = min(64, _pow2(M)), min(128, _pow2(K))
-    else:
+    elif precision == "ieee":
         # fp32 FMA products: a short K step, and fewer rows with the Philox state live.
         BLOCK_M, BLOCK_K = (16 if M <= 16 else 32 if dropout else 64), 32
+    else:
+        # tensor-core products: a longer K step; the Philox state takes the room of half the rows,
+        # and of half the K step when keep ⊙ x is written too
+        BLOCK_M, BLOCK_K = (16 if M <= 16 else 32 if dropout else 64), (32 if write_xd else 64)
     if split_k is None:
         # Few row tiles (M up to a few thousand) would leave most SMs idle: split K as well.
         row_tiles = triton.cdiv(M, BLOCK_M)
@@ -511,7 +526,7 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
         x, a, out, xd, M, K, R, k_per_split,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1), xd.stride(0),
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
-        DROPOUT=dropout > 0, WRITE_XD=write_xd,
+        DROPOUT=dropout > 0, WRITE_XD=write_xd, PRECISION=precision,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, num_warps=4, enable_fp_fusion=False,
     )
     xa = out[0] if split_k == 1 else out.sum(0)
@@ -608,12 +623,13 @@ def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, split_m=None):
     """Σ_m lhs[m]ᵀ (rhs[m] ⊙ D[m]) as fp32 [P, Q] (lhs [M, P], rhs [M, Q]; D only with dropout)."""
     M, P = lhs.shape
     Q = rhs.shape[1]
+    precision = _rank_precision(lhs, rhs)
     if interpreting():
         BLOCK_M, BLOCK_P, BLOCK_Q = min(64, _pow2(M)), min(64, _pow2(P)), min(64, _pow2(Q))
     else:
-        # fp32 FMA products: a short reduction step, and 16 x 128 outputs a program with the long
-        # side on the larger of P and Q (dA is r x K, dB is N x r).
-        BLOCK_M = 16
+        # 16 x 128 outputs a program with the long side on the larger of P and Q (dA is r x K, dB
+        # is N x r); fp32 FMA products take a short reduction step, tensor cores a longer one.
+        BLOCK_M = 16 if precision == "ieee" else 32 if dropout else 64
         if P <= Q:
             BLOCK_P, BLOCK_Q = 16, min(128, _pow2(Q))
         else:
@@ -630,7 +646,7 @@ def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, split_m=None):
         lhs, rhs, out, M, P, Q, m_per_split,
         lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1), out.stride(0), out.stride(1),
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
-        DROPOUT=dropout > 0,
+        DROPOUT=dropout > 0, PRECISION=precision,
         BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, enable_fp_fusion=False,
     )
     return out[0] if split_m == 1 else out.sum(0)
