@@ -385,7 +385,7 @@ def summary(rows):
     """A few lines on what the lowering found, for the bench summary."""
     bad = [r for r in rows if r["verdict"] != "ok"]
     gemms = [r for r in rows if r["kernel"] in ("_fused_linear_kernel", "_fused_linear_dx_kernel",
-                                                   "_gemm_forward_kernel", "_gemm_dx_kernel")]
+                                                   "_gemm_forward_kernel", "_gemm_dx_kernel", "_decode_linear_kernel")]
     gemm16 = [r for r in gemms if not r["fp32"]]
     lines = [f"sm_90 lowering (compile-time facts, no kernel ran): {len(rows)} distinct launches of "
              f"{len({r['kernel'] for r in rows})} kernels; most registers {max(r['registers'] for r in rows)} a thread, "

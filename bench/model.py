@@ -123,15 +123,17 @@ def gpu_for(name: str) -> GPU:
 
 @dataclass
 class LoopSpec:
-    """A source loop: `trips` a program; `elements` weight elements one trip consumes (the hot
-    loop of a GEMM); `may_vanish` when its trip count is a compile-time constant, so the compiler
-    may unroll it away."""
+    """A source loop: `trips` a program (the longest, when programs differ); `total` the trips
+    summed over the grid when programs differ (else trips x programs); `elements` weight elements
+    one trip consumes (the hot loop of a GEMM); `may_vanish` when its trip count is a compile-time
+    constant, so the compiler may unroll it away."""
     name: str
     trips: int
     children: list = field(default_factory=list)
     hot: bool = False
     elements: int = 0
     may_vanish: bool = False
+    total: int = 0
 
 
 def _cdiv(a, b):
@@ -142,8 +144,22 @@ def _rank_loop(a):
     return LoopSpec("rank", _cdiv(a["R"], a["BLOCK_R"]))
 
 
+def _split_k_loop(a, tiles, **kw):
+    """The K loop of a split-K kernel: the last split may be shorter, so a program's trips are the
+    longest's and the grid's are each tile's K blocks once."""
+    return LoopSpec("k", _cdiv(min(a["k_per_split"], a["K"]), a["BLOCK_K"]), total=tiles * _cdiv(a["K"], a["BLOCK_K"]),
+                    **kw)
+
+
+def _split_m_loop(a, tiles):
+    """The M loop of a split reduction (dA, dB, dm): as `_split_k_loop` over M."""
+    return LoopSpec("m", _cdiv(min(a["m_per_split"], a["M"]), a["BLOCK_M"]), total=tiles * _cdiv(a["M"], a["BLOCK_M"]),
+                    hot=True)
+
+
 def _fused_linear_loops(a):
-    k = LoopSpec("k", _cdiv(a["k_per_split"], a["BLOCK_K"]), hot=True, elements=a["BLOCK_N"] * a["BLOCK_K"])
+    tiles = _cdiv(a["M"], a["BLOCK_M"]) * _cdiv(a["N"], a["BLOCK_N"])
+    k = _split_k_loop(a, tiles, hot=True, elements=a["BLOCK_N"] * a["BLOCK_K"])
     return [k] + ([_rank_loop(a)] if a["SPLIT_K"] == 1 else [])
 
 
@@ -162,17 +178,24 @@ def _gemm_dx_loops(a):
             _rank_loop(a)]
 
 
+def _decode_loops(a):
+    k = _split_k_loop(a, _cdiv(a["N"], a["BLOCK_N"]), hot=True, elements=a["BLOCK_N"] * a["BLOCK_K"])
+    return [k] + ([_rank_loop(a)] if a["SPLIT_K"] == 1 else [])
+
+
 LOOPS = {
+    "_decode_linear_kernel": _decode_loops,
     "_gemm_forward_kernel": _gemm_forward_loops,
     "_gemm_dx_kernel": _gemm_dx_loops,
-    "_lora_shrink_kernel": lambda a: [LoopSpec("k", _cdiv(a["k_per_split"], a["BLOCK_K"]), hot=True)],
+    "_lora_shrink_kernel": lambda a: [_split_k_loop(a, _cdiv(a["M"], a["BLOCK_M"]) * _cdiv(a["R"], a["BLOCK_R"]),
+                                                    hot=True)],
     "_fused_linear_kernel": _fused_linear_loops,
     "_split_k_epilogue_kernel": lambda a: [LoopSpec("split", a["SPLIT_K"], may_vanish=True), _rank_loop(a)],
     "_fused_linear_dx_kernel": _dx_loops,
-    "_outer_reduce_kernel": lambda a: [LoopSpec("m", _cdiv(a["m_per_split"], a["BLOCK_M"]), hot=True)],
+    "_outer_reduce_kernel": lambda a: [_split_m_loop(a, _cdiv(a["P"], a["BLOCK_P"]) * _cdiv(a["Q"], a["BLOCK_Q"]))],
     "_row_norm_kernel": lambda a: [LoopSpec("k", _cdiv(a["K"], a["BLOCK_K"]), [_rank_loop(a)], hot=True,
                                             elements=a["BLOCK_N"] * a["BLOCK_K"])],
-    "_column_dot_kernel": lambda a: [LoopSpec("m", _cdiv(a["m_per_split"], a["BLOCK_M"]), hot=True)],
+    "_column_dot_kernel": lambda a: [_split_m_loop(a, _cdiv(a["N"], a["BLOCK_N"]))],
     "_nf4_dequantize_kernel": lambda a: [],
     "_nf4_dequantize_tail_kernel": lambda a: [],
     "_nf4_quantize_kernel": lambda a: [],
@@ -498,24 +521,31 @@ def triton_cost(gpu: GPU, call, facts) -> Cost:
     programs = call.grid[0] * call.grid[1] * call.grid[2]
     roots = [_json_loop(d) for d in facts["loops"]]
     pairs = _match(kernel, LOOPS[kernel](args), roots)
-    # trips of every loop a program, nested loops multiplied out
-    trips = {}
+    # trips of every loop a program and over the grid, nested loops multiplied out
+    trips, grid_trips = {}, {}
+    top = {id(r) for r in roots}
     for spec, loop in pairs:
         trips[id(loop)] = spec.trips
+        grid_trips[id(loop)] = (spec.total or spec.trips * programs) if id(loop) in top else spec.trips
     for root in roots:
         _multiply(root, trips, 1)
+        _multiply(root, grid_trips, 1)
 
     per_program = Counter(facts["outside"])          # warp-instructions a warp issues a program
     lane_bytes = facts["outside_bytes"]
     mma = Counter(facts["outside_mma"])
+    grid_instructions = sum(facts["outside"].values()) * programs   # a warp's, over the grid
+    grid_mma = Counter({op: n * programs for op, n in mma.items()})
     hot = None
     for spec, loop in pairs:
         n = trips[id(loop)]
         for k, v in loop.own.items():
             per_program[k] += v * n
         lane_bytes += loop.own_bytes * n
+        grid_instructions += loop.own_size * grid_trips[id(loop)]
         for op in loop.own_mma:
             mma[op] += n
+            grid_mma[op] += grid_trips[id(loop)]
         if spec.hot:
             hot = (spec, loop)
     per_warp = sum(per_program.values())
@@ -535,7 +565,7 @@ def triton_cost(gpu: GPU, call, facts) -> Cost:
         if kind is None:
             continue
         f = kind[0] * count * warps * progs_sm
-        flops += kind[0] * count * warps * programs
+        flops += kind[0] * grid_mma[op] * warps
         tensor_s += f / (rates[kind[1]] / gpu.sms)
     if tensor_s:
         terms["tensor"] = tensor_s
@@ -545,19 +575,21 @@ def triton_cost(gpu: GPU, call, facts) -> Cost:
     bound = max(terms, key=terms.get)
     detail = dict(kernel=kernel, grid="x".join(map(str, call.grid)), warps=warps, programs=programs,
                   registers=facts["registers"], shared_bytes=facts["shared_bytes"], resident=resident,
-                  warp_instructions=per_warp * warps * programs, hbm_bytes=nbytes, tensor_flops=flops)
+                  warp_instructions=grid_instructions * warps, hbm_bytes=nbytes, tensor_flops=flops)
     if hot is not None:
         spec, loop = hot
         # the hot loop alone over all 4 x SMs schedulers, no wave or per-SM imbalance: the coarse
         # figure the design budgets are written in (instructions x warps x trips / (4 x SMs x clock))
         detail.update(hot_loop=spec.name, hot_loop_instructions=loop.size, hot_trips=trips[id(loop)],
-                      hot_loop_issue_s=loop.size * warps * trips[id(loop)] * programs / (4 * gpu.sms * gpu.clock_hz))
+                      hot_grid_trips=grid_trips[id(loop)],
+                      hot_loop_issue_s=loop.size * warps * grid_trips[id(loop)] / (4 * gpu.sms * gpu.clock_hz))
         if spec.elements:
             detail["instructions_per_element"] = loop.size * warps / spec.elements
     return Cost(kernel, terms[bound] + gpu.launch_s, bound, terms, detail)
 
 
 def _multiply(loop, trips, outer):
+    """A nested loop's count times its parents' (a program's, or the grid's)."""
     trips[id(loop)] = trips.get(id(loop), 1) * outer
     for c in loop.children:
         _multiply(c, trips, trips[id(loop)])
@@ -777,7 +809,19 @@ def model_cases(quick=False):
                                 continue
                             cases.append(C.Case(op, mode, M, N, K, r, dropout=p))
         cases.append(C.Case("nf4_dequantize", "forward", 0, N, K, 0))
+        if not quick:
+            cases += serving_cases(K, N)
     return cases
+
+
+SERVING_PREFILL_MS = (512,)
+
+
+def serving_cases(K, N):
+    """Serving without grad (the serving issue): QLoRA / QDoRA prefill at M = 512 (their decode
+    cases are above), and mixed-adapter decode batches of 16 rows over 8 adapters."""
+    cases = [C.Case(op, "prefill", M, N, K, 16) for op in ("qlora", "qdora") for M in SERVING_PREFILL_MS]
+    return cases + [C.Case(op, "decode", 16, N, K, 16, adapters=C.SERVING_ADAPTERS) for op in C.MIXED_OPS]
 
 
 def providers_for(case):
@@ -791,6 +835,8 @@ def providers_for(case):
             continue
         if name == "dequant_addmm" and case.op == "nf4_dequantize":
             continue
+        if name == "dequant_addmm" and case.mixed:
+            continue   # one adapter a call; PEFT's loop (peft_bnb) is the mixed baseline
         out.append(name)
     return out
 
@@ -901,7 +947,31 @@ def check_targets(index, gpu="H200"):
          [(_ratio(index, gpu, c, base="peft_bnb"), c) for c in q("qlora", "forward+backward")], 1 / 1.3)
     line("QDoRA forward+backward vs PEFT + bitsandbytes (at most 1/2)",
          [(_ratio(index, gpu, c, base="peft_bnb"), c) for c in q("qdora", "forward+backward")], 0.5)
+    out += serving_targets(index, gpu, cases, line)
     return "\n".join(out)
+
+
+def serving_targets(index, gpu, cases, line):
+    """The serving issue's targets: QDoRA decode and prefill without grad within 1.05x of QLoRA's
+    (the same case as qlora) at M = 1, 16 and 512; a 16-row decode batch over 8 adapters within
+    1.25x of a single-adapter batch of the same size (the qlora / qdora decode case). Lines of
+    ratios against PEFT's mixed-batch loop follow, with no limit."""
+    def same(c, op):
+        p, q = index.get((gpu, c, "peft_ops")), index.get((gpu, dataclasses.replace(c, op=op, adapters=1), "peft_ops"))
+        return p.seconds / q.seconds if p and q else None
+    dora = [c for c in cases if c.op == "qdora" and c.M in (1, 16, 512) and c.r == 16
+            and c.mode in ("decode", "prefill")]
+    line("QDoRA decode / prefill vs QLoRA without grad (peft_ops qdora / qlora)", [(same(c, "qlora"), c) for c in dora],
+         1.05)
+    mixed = [c for c in cases if c.mixed and c.mode == "decode" and c.M == 16]
+    line("mixed decode, 16 rows over 8 adapters, vs one adapter (peft_ops)",
+         [(same(c, c.op.replace("_mixed", "")), c) for c in mixed], 1.25)
+    extra = []
+    for c in mixed:
+        r = _ratio(index, gpu, c, base="peft_bnb")
+        if r is not None:
+            extra.append(f"    {c.label()}: peft_ops / PEFT's mixed-batch loop {r:.3f}")
+    return extra
 
 
 def summarize(preds, targets_text=""):

@@ -52,7 +52,7 @@ def _column_dot_kernel(
     mask_n = offs_n < N
     m_begin = tl.program_id(1).to(tl.int64) * m_per_split
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(0, m_per_split, BLOCK_M):
+    for m0 in range(0, tl.minimum(m_per_split, M - m_begin), BLOCK_M):
         offs_m = m_begin + m0 + tl.arange(0, BLOCK_M)
         mask = (offs_m < M)[:, None] & mask_n[None, :]
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an, mask=mask, other=0.0)

@@ -147,7 +147,7 @@ def _lora_shrink_kernel(
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_begin = pid_s * k_per_split
-    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
+    for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, K), BLOCK_K):
         offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask_k = offs_k < K
         mask = mask_m[:, None] & mask_k[None, :]
@@ -201,7 +201,7 @@ def _fused_linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_s * k_per_split
-    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
+    for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, K), BLOCK_K):
         offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask_x = mask_m[:, None] & (offs_k < K)[None, :]
         w = weight_tile(w_ptr, stride_wn, stride_wk,
@@ -337,7 +337,7 @@ def _outer_reduce_kernel(
     mask_q = offs_q < Q
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     m_begin = pid_s.to(tl.int64) * m_per_split
-    for m0 in range(0, m_per_split, BLOCK_M):
+    for m0 in range(0, tl.minimum(m_per_split, M - m_begin), BLOCK_M):
         offs_m = m_begin + m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         lhs = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_p[None, :] * stride_lp,
@@ -578,7 +578,7 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
         GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg),
     )
     if split_k > 1:
-        EM, EN = 32, 64
+        EM, EN = (16 if M <= 16 else 32), 64   # a 32-row tile of one row spills the rank product
         _split_k_epilogue_kernel[(triton.cdiv(M, EM), triton.cdiv(N, EN))](
             part, part_d, xa, lora_B, mn if mn is not None else xa, bias if bias is not None else xa,
             scaling, inv_keep, y, z, M, N, R, xa.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0),

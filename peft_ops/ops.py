@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from . import strategy
 from .kernels import _config
+from .kernels import decode as _decode
 from .kernels import dora as _dora
 from .kernels import dropout as _dropout
 from .kernels import gemm as _gemm
@@ -113,12 +114,16 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
         budget = strategy.buffer_mib() << 20
         candidates = {
             "fused": lambda: _lora.fused_linear(x, weight, xa, lora_B, scaling, **kw),
+            "fused_lut": lambda: _decode.decode_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn,
+                                                       save_z=save_z),
             "dequant_gemm": lambda: _gemm.gemm_forward(x, weight, xa, lora_B, scaling, buffer_bytes=budget, **kw),
             "dequant_cublas": lambda: _gemm.gemm_forward(x, weight, xa, lora_B, scaling, buffer_bytes=budget,
                                                          backend="cublas", **kw),
         }
+        # the table-lookup decode has no second accumulator (DoRA's dropout form)
+        why_not_lut = "DoRA's dropout form" if xd is not None else _decode.eligible(x, weight)
         flags = dict(dora=mn is not None, second=xd is not None, bias=bias is not None, z=save_z)
-        return candidates[strategy.choose("forward", x, weight, flags, candidates)]()
+        return candidates[strategy.choose("forward", x, weight, flags, candidates, why_not_lut)]()
     w = dense_weight(weight, x.dtype).float()
     acc = F.linear(x.float(), w)
     lora = (xa @ lora_B.float().t()) * scaling

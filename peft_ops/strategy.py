@@ -5,6 +5,10 @@ Candidates (`CANDIDATES`), for the forward GEMM (`forward`) and the backward dx 
 
     fused           NF4 tiles decoded in registers inside one Triton GEMM (`kernels.lora`): any
                     shape, dtype and stride; the weight is read as 4-bit bytes, once per M tile.
+    fused_lut       (forward, up to 64 rows, NF4 with whole blocks a row, 16-bit x) the decode as
+                    a lookup in a shared-memory code table, in a swapped tensor-core GEMM
+                    (`kernels.decode`): every weight element read once, decoded with ~5
+                    instructions a thread.
     dequant_gemm    the weight decoded once a call into a transient buffer of at most
                     `buffer_mib()` MiB, then a tensor-core GEMM with the epilogue fused
                     (`kernels.gemm`, TMA); 16-bit activations with 16-byte aligned rows.
@@ -19,7 +23,8 @@ How one is picked (`choose`):
     and the winner kept in memory and on disk (`PEFT_OPS_STRATEGY_CACHE`, default
     ~/.cache/peft_ops/strategy.json); set `PEFT_OPS_STRATEGY_TIMING=0` to use the rule instead.
   - everywhere else (the interpreter, the bench's static model on meta tensors), and while a CUDA
-    graph is being captured, by `rule`: `dequant_gemm` above `RULE_MIN_M` rows when eligible.
+    graph is being captured, by `rule`: `dequant_gemm` from `RULE_MIN_M` rows when eligible,
+    `fused_lut` below when eligible, else `fused`.
 
 Every candidate computes the same function; they differ in rounding order only, so a choice,
 once made for a key, keeps results bitwise repeatable.
@@ -34,7 +39,7 @@ from collections import Counter
 import torch
 
 OPS = ("forward", "dx")
-CANDIDATES = {"forward": ("fused", "dequant_gemm", "dequant_cublas"), "dx": ("fused", "dequant_gemm")}
+CANDIDATES = {"forward": ("fused", "fused_lut", "dequant_gemm", "dequant_cublas"), "dx": ("fused", "dequant_gemm")}
 # bitsandbytes' own sm_90 dispatch keeps its fused 4-bit kernel up to M = 64 and decodes once
 # beyond ("dequant + F.linear is significantly faster"); the static model agrees for these
 # kernels (README, "Predicted on a Hopper GPU").
@@ -102,9 +107,12 @@ def why_not_decode_once(op, act, weight) -> str:
     return ""
 
 
-def rule(op, M, why_not) -> str:
-    """The fixed choice: decode once for training-sized M, when the call allows it."""
-    return "dequant_gemm" if M >= RULE_MIN_M and not why_not else "fused"
+def rule(op, M, why_not, why_not_lut="not a candidate") -> str:
+    """The fixed choice: decode once for training-sized M, the table-lookup decode below, when the
+    call allows them; else the fused kernels."""
+    if M >= RULE_MIN_M:
+        return "dequant_gemm" if not why_not else "fused"
+    return "fused_lut" if not why_not_lut else "fused"
 
 
 def _key(op, act, weight, flags):
@@ -160,15 +168,18 @@ def _time(candidates):
     return min(times, key=times.get)
 
 
-def choose(op, act, weight, flags, candidates) -> str:
+def choose(op, act, weight, flags, candidates, why_not_lut="") -> str:
     """The strategy that runs `op` for this call; `candidates` maps each eligible-or-not name to
-    a zero-argument callable running it (timed only on CUDA at a key's first use)."""
+    a zero-argument callable running it (timed only on CUDA at a key's first use);
+    `why_not_lut` says why `fused_lut` cannot take the call ('' when it can)."""
     why_not = why_not_decode_once(op, act, weight)
-    eligible = ["fused"] if why_not else [c for c in CANDIDATES[op] if c in candidates]
+    eligible = [c for c in CANDIDATES[op] if c in candidates
+                and not (c.startswith("dequant") and why_not) and not (c == "fused_lut" and why_not_lut)]
     name = pinned(op)
     if name is not None:
         if name not in eligible:
-            has = f"this call has {why_not}" if why_not else f"{name} does not take this call's operands"
+            reason = why_not_lut if name == "fused_lut" else why_not
+            has = f"this call has {reason}" if reason else f"{name} does not take this call's operands"
             reason = f"PEFT_OPS_STRATEGY pins {op}={name}, but {has}: the fused kernels ran"
             with _lock:
                 if reason not in _warned:
@@ -188,7 +199,8 @@ def choose(op, act, weight, flags, candidates) -> str:
         _timed[key] = name
         how = "timed"
     else:
-        name, how = rule(op, act.shape[0], why_not), "rule"
+        lut = "" if "fused_lut" in eligible else (why_not_lut or "not a candidate for this op")
+        name, how = rule(op, act.shape[0], why_not, lut), "rule"
     with _lock:
         _counts[(op, name, how)] += 1
     return name

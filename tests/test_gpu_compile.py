@@ -72,9 +72,9 @@ def _bad(rows, pred):
 
 def test_every_kernel_is_launched_and_compiles(lowered):
     # A kernel the workload never reaches would go unchecked; every one must appear.
-    from peft_ops.kernels import dora, dropout, gemm, lora, nf4
+    from peft_ops.kernels import decode, dora, dropout, gemm, lora, nf4
 
-    kernels = {name for mod in (lora, gemm, dora, nf4, dropout) for name, obj in vars(mod).items()
+    kernels = {name for mod in (lora, decode, gemm, dora, nf4, dropout) for name, obj in vars(mod).items()
                if type(obj).__name__ == "JITFunction" and name.endswith("_kernel")}
     seen = {r["kernel"] for r in lowered["rows"]}
     assert kernels <= seen, f"never launched by the workload: {sorted(kernels - seen)}"
@@ -95,7 +95,8 @@ def test_16bit_gemms_use_tensor_cores(lowered):
     bad = _bad(lowered["rows"], lambda r: "tensor-core" in r["verdict"])
     assert not bad, bad
     # and the bound is not vacuous: the training-size GEMMs use Hopper's warpgroup MMA
-    for kernel in ("_fused_linear_kernel", "_fused_linear_dx_kernel", "_gemm_forward_kernel", "_gemm_dx_kernel"):
+    for kernel in ("_fused_linear_kernel", "_fused_linear_dx_kernel", "_gemm_forward_kernel", "_gemm_dx_kernel",
+                   "_decode_linear_kernel"):
         assert any(r["hgmma"] > 0 for r in lowered["rows"] if r["kernel"] == kernel), kernel
 
 

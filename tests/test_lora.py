@@ -30,11 +30,11 @@ ADAPTER_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DEVICE = torch.device(os.environ.get("PEFT_OPS_TEST_DEVICE", "cpu"))
 
 
-@pytest.fixture(params=["triton", "triton-decode-once", "twin"])
+@pytest.fixture(params=["triton", "triton-decode-once", "triton-lut", "twin"])
 def backend(request, monkeypatch):
-    """Run the test on the Triton kernels (interpreter) as the strategy rule picks them, on the
-    Triton kernels with the decode-once GEMMs pinned wherever a call can take them (small shapes
-    would otherwise never reach them), or on the PyTorch twins."""
+    """Run the test on the Triton kernels (interpreter) as the strategy rule picks them; on them
+    with the decode-once GEMMs, or the table-lookup decode, pinned wherever a call can take them
+    (small shapes would otherwise reach them rarely); or on the PyTorch twins."""
     monkeypatch.delenv("PEFT_OPS_STRATEGY", raising=False)
     if request.param == "twin":
         monkeypatch.setattr(ops, "use_triton", lambda t: False)
@@ -42,6 +42,8 @@ def backend(request, monkeypatch):
         assert _config.interpreting() or DEVICE.type == "cuda", "tests/conftest.py sets TRITON_INTERPRET=1"
         if request.param == "triton-decode-once":
             monkeypatch.setenv("PEFT_OPS_STRATEGY", "dequant_gemm")
+        elif request.param == "triton-lut":
+            monkeypatch.setenv("PEFT_OPS_STRATEGY", "forward=fused_lut")
     return request.param
 
 
@@ -136,7 +138,7 @@ def assert_magnitude_grad_close(dm, dm_ref, x, weight, A, B, scaling, scale, dy,
 
 dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 dims = st.sampled_from([1, 2, 5, 16, 31, 33, 64, 67])
-small_k = st.sampled_from([2, 16, 31, 64, 66, 97, 128])   # 64, 128: one NF4 scale a tile row
+small_k = st.sampled_from([2, 16, 31, 64, 66, 97, 128, 256])   # 64, 128: one NF4 scale a tile row
 
 
 @st.composite

@@ -71,7 +71,8 @@ out["lean"], out["wasteful"] = decode(probe.decode_lean), decode(probe.decode_wa
 # 3. trip counts against the grid: every GEMM launch covers each weight element once per M tile
 cover = []
 for case in (C.Case("qlora", "forward+backward", 4096, 4096, 4096, 16), C.Case("qdora", "decode", 16, 14336, 4096, 16),
-             C.Case("qlora", "forward+backward", 512, 1024, 4096, 64)):
+             C.Case("qlora", "forward+backward", 512, 1024, 4096, 64), C.Case("qlora", "decode", 1, 4096, 14336, 16),
+             C.Case("lora", "decode", 16, 4096, 4096, 16)):
     events, _ = model.trace_case(case, "peft_ops")
     for e in events:
         if not isinstance(e, lowering.Call):
@@ -82,7 +83,8 @@ for case in (C.Case("qlora", "forward+backward", 4096, 4096, 4096, 16), C.Case("
                 continue
             programs = e.grid[0] * e.grid[1] * e.grid[2]
             m_tiles = math.ceil(args["M"] / args["BLOCK_M"]) if "BLOCK_M" in args and "M" in args else 1
-            cover.append([case.label(), e.launch.kernel.__name__, programs * spec.trips * spec.elements,
+            trips = spec.total or programs * spec.trips
+            cover.append([case.label(), e.launch.kernel.__name__, trips * spec.elements,
                           case.N * case.K * m_tiles])
 out["cover"] = cover
 

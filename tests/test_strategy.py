@@ -37,6 +37,33 @@ def test_decode_once_matches_reference(monkeypatch, nf4, dora, p):
     assert made[("dx", "dequant_gemm", "rule")] == 1, made
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_table_lookup_decode_matches_reference(monkeypatch, dora, dtype):
+    # 21 rows (3-D input), N = 70: a ragged N tile; blocksize 32 and 256: several scales a
+    # 128-wide tile row, and one scale for two tiles
+    monkeypatch.delenv("PEFT_OPS_STRATEGY", raising=False)
+    for blocksize in (32, 256):
+        made = _decisions(lambda: run_case(lead=(3, 7), N=70, K=256, r=5, dtype=dtype, adapter_dtype=torch.float32,
+                                           nf4=True, dora=dora, bias=True, p=0.0, blocksize=blocksize))
+        assert made[("forward", "fused_lut", "rule")] == 1, made
+        assert sum(n for (op, name, _), n in made.items() if op == "dx" and name == "fused") == 1, made
+
+
+def test_split_k_table_lookup_equals_one_pass():
+    from peft_ops.kernels import decode as kdecode
+
+    gen = torch.Generator().manual_seed(3)
+    W = peft_ops.NF4Weight.quantize(torch.randn(48, 512, generator=gen).to(torch.bfloat16), blocksize=64)
+    x = torch.randn(5, 512, generator=gen).to(torch.bfloat16)
+    xa, B = torch.randn(5, 4, generator=gen), torch.randn(48, 4, generator=gen)
+    mn = torch.rand(48, generator=gen) + 0.5
+    one = kdecode.decode_linear(x, W, xa, B, 0.5, mn=mn, save_z=True, split_k=1)
+    three = kdecode.decode_linear(x, W, xa, B, 0.5, mn=mn, save_z=True, split_k=3)
+    for a, b in zip(one, three):
+        torch.testing.assert_close(b.float(), a.float(), atol=1e-2 * a.float().abs().max().item(), rtol=0)
+
+
 def test_small_m_and_unaligned_k_stay_fused(monkeypatch):
     monkeypatch.delenv("PEFT_OPS_STRATEGY", raising=False)
     small = _decisions(lambda: run_case(lead=(5,), N=24, K=64, r=2, dtype=torch.bfloat16,
