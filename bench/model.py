@@ -179,7 +179,10 @@ def _gemm_dx_loops(a):
 
 
 def _decode_loops(a):
-    k = _split_k_loop(a, _cdiv(a["N"], a["BLOCK_N"]), hot=True, elements=a["BLOCK_N"] * a["BLOCK_K"])
+    # K in 4-byte words of 8 codes: the last split may be shorter
+    words, per_split, step = a["row_words"], a["split_words"], a["BLOCK_K"] // 8
+    k = LoopSpec("k", _cdiv(min(per_split, words), step), hot=True, elements=a["BLOCK_N"] * a["BLOCK_K"],
+                 total=_cdiv(a["N"], a["BLOCK_N"]) * _cdiv(words, step))
     return [k] + ([_rank_loop(a)] if a["SPLIT_K"] == 1 else [])
 
 

@@ -10,21 +10,28 @@ bitsandbytes' dequantized value exactly. Then the tile is the A operand of a swa
 yᵀ[BLOCK_N, M] += W[BLOCK_N, BLOCK_K] · xᵀ[BLOCK_K, M], so the rows of W fill the tensor core's M
 dimension and the few rows of x its N dimension (16 at least).
 
-The eight codes of a word are taken apart with nested `tl.join`s, which keep them in one thread's
-registers but in bit-reversed order; instead of moving them, the tile's K order is that order, and
-x is read in the same permuted order (the product does not depend on the order of K). Rows past N
-re-read the last row (no mask in the loop) and are not stored. K is split across programs when the
-N tiles alone would not fill the GPU; the fp32 partials are summed in a fixed order by
-`lora._split_k_epilogue_kernel`, which applies the LoRA / DoRA / bias epilogue.
+No decoded value moves between threads. The words are loaded in a layout chosen so that every
+thread decodes exactly the elements the tensor core's register A operand wants from it: lanes
+(g, q) of a warp hold rows g and g + 8 of a 16-row group and 32 consecutive codes (16 bytes) of
+each, warps hold 16-row groups (`_words`). The eight codes of a word are taken apart with nested
+`tl.join`s (new register dims), and a permutation of the logical dims (free: no data moves) makes
+the tile's logical K order the one the operand layout assigns to those registers; x is read in the
+same permuted K order (`kperm`), as the product does not depend on the order of K. Without this the
+tile took a round trip through shared memory, a third of the loop's shared-memory traffic.
+
+Rows past N: the last tile starts at N - BLOCK_N instead (no mask in the loop) and stores only its
+new rows. K is split across programs when the N tiles alone would not fill the GPU; the fp32
+partials are summed in a fixed order by `lora._split_k_epilogue_kernel`, which applies the LoRA /
+DoRA / bias epilogue.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from . import lora as _lora
 from ._config import interpreting, store_dtype
 from .dropout import round_to
-from . import lora as _lora
 from .lora import _ROUND, _dot_args, _forward_epilogue, _pow2, _rank_block, _split_k_epilogue_kernel
 from .nf4 import nf4_scale, stats_args
 
@@ -32,8 +39,38 @@ BLOCK_K = 128
 
 
 @triton.jit
-def _bitrev3(j):
-    return ((j & 1) << 2) | (j & 2) | ((j >> 2) & 1)
+def _words(words_ptr, row0, kw, row_words, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    """int32 words [BLOCK_N // 16 (i), 8 (g), 4 (q), WORDS // 4 (wpt)] of rows row0 + 16 i + g,
+    words kw + WORDS/4 q + wpt: its load layout puts 4 words (16 bytes) in a thread, lanes over
+    (g, q) and warps over i, which is where the tensor core's A operand wants them (below)."""
+    i = tl.arange(0, BLOCK_N // 16)[:, None, None, None]
+    g = tl.arange(0, 8)[None, :, None, None]
+    q = tl.arange(0, 4)[None, None, :, None]
+    wpt = tl.arange(0, WORDS // 4)[None, None, None, :]
+    return tl.load(words_ptr + (row0 + 16 * i + g) * row_words + kw + q * (WORDS // 4) + wpt)
+
+
+@triton.jit
+def _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row0, k0, K,
+            BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """fp32 scales [BLOCK_N // 16 (i), 8 (g), 4 (q), 1] of rows row0 + 16 i + g for the words of
+    lane q (K k0 + 32 q ..): shaped as `_words`, so they meet its layout with no movement."""
+    i = tl.arange(0, BLOCK_N // 16)[:, None, None, None]
+    g = tl.arange(0, 8)[None, :, None, None]
+    q = tl.arange(0, 4)[None, None, :, None]
+    block = (row0 + 16 * i + g) * (K // BLOCKSIZE) + (k0 + 32 * q) // BLOCKSIZE
+    return nf4_scale(block, True, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                     DOUBLE_QUANT, NESTED_BLOCKSIZE)
+
+
+@triton.jit
+def _codes(word):
+    """The eight 4-bit codes of each word as three new register dims (j0, j1, j2): element
+    j0 + 2 j1 + 4 j2 of the word (byte j // 2, its high nibble first)."""
+    return tl.join(tl.join(tl.join((word >> 4) & 0xF, word & 0xF), tl.join((word >> 12) & 0xF, (word >> 8) & 0xF)),
+                   tl.join(tl.join((word >> 20) & 0xF, (word >> 16) & 0xF),
+                           tl.join((word >> 28) & 0xF, (word >> 24) & 0xF)))
 
 
 @triton.jit
@@ -43,58 +80,62 @@ def _decode_linear_kernel(
     absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
     # epilogue operands (one split), else the partials
     xa_ptr, b_ptr, mn_ptr, bias_ptr, scaling, y_ptr, z_ptr, part_ptr,
-    M, N, K, R, k_per_split,
+    M, N, K, R, split_words, row_words,
     stride_xm, stride_xk, stride_xam, stride_bn, stride_br, stride_ym, stride_ps,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     ROUND: tl.constexpr, BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, RANK_PRECISION: tl.constexpr,
     DORA: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """yᵀ tile [BLOCK_N, BLOCK_M] over K words kw_begin.. of this split. `split_words` and
+    `row_words` are K counts in 4-byte words, so the JIT sees them divisible by 16 and loads 16
+    bytes a thread."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1)              # a ragged last tile re-reads row N - 1
+    WORDS: tl.constexpr = BLOCK_K // 8
+    # Weight rows past N re-read row N - 1 (no mask in the loop) and are not stored: the tile starts
+    # at most BLOCK_N rows before the end.
+    row0 = tl.minimum(pid_n * BLOCK_N, N - BLOCK_N)
+    offs_n = row0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     table = tl.load(code_ptr + tl.arange(0, 16))
-    c = tl.arange(0, BLOCK_K)
-    kperm = 8 * (c // 8) + _bitrev3(c % 8)       # K index of the tile's logical column c
+    # The tile's logical column L = 64 wpt + 32 j2 + 16 j1 + 4 q + j0 ... read from its bits below:
+    # (j0, q, j1, j2, wpt) = bits (0, 1-2, 3, 4, 5-6), which is where the A operand of an m64nNk16
+    # MMA has lane q's values of a row (k = 16 c + 8 h + 2 q + b). It holds K index kperm[L].
+    L = tl.arange(0, BLOCK_K)
+    kperm = 8 * (((L >> 1) & 3) * (WORDS // 4) + (L >> 5)) + (L & 1) + 2 * ((L >> 3) & 1) + 4 * ((L >> 4) & 1)
     words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
-    SCALES: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    k_begin = pid_s * k_per_split
-    for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, K), BLOCK_K):
-        word = tl.load(words_ptr + rows[:, None] * (K // 8) + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :])
-        # element j of a word: byte j // 2, its high nibble first
-        nib = tl.join(tl.join(tl.join((word >> 4) & 0xF, word & 0xF), tl.join((word >> 12) & 0xF, (word >> 8) & 0xF)),
-                      tl.join(tl.join((word >> 20) & 0xF, (word >> 16) & 0xF),
-                              tl.join((word >> 28) & 0xF, (word >> 24) & 0xF)))
-        code = tl.reshape(tl.gather(table, tl.reshape(nib, (BLOCK_N * BLOCK_K,)), 0), (BLOCK_N, BLOCK_K))
-        if SCALES == 1:
-            block = rows * (K // BLOCKSIZE) + k0 // BLOCKSIZE
-            scale = nf4_scale(block, True, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                              DOUBLE_QUANT, NESTED_BLOCKSIZE)
-            w = code * scale[:, None]
-        else:
-            # the tile spans SCALES quantization blocks of each row, in order (a block is a
-            # multiple of 8 elements, so the permutation stays inside it)
-            block = rows[:, None] * (K // BLOCKSIZE) + k0 // BLOCKSIZE + tl.arange(0, SCALES)[None, :]
-            scale = nf4_scale(block, True, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                              DOUBLE_QUANT, NESTED_BLOCKSIZE)
-            w = tl.reshape(tl.reshape(code, (BLOCK_N, SCALES, BLOCKSIZE)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+    kw_begin = pid_s * split_words
+    for kw in range(kw_begin, tl.minimum(kw_begin + split_words, row_words), WORDS):
+        k0 = kw * 8
+        word = tl.join(_words(words_ptr, row0, kw, row_words, BLOCK_N, WORDS),          # h = 0: rows 16 i + g
+                       _words(words_ptr, row0 + 8, kw, row_words, BLOCK_N, WORDS))      # h = 1: rows 16 i + 8 + g
+        # one scale a row and quantization block; a block holds whole lanes' words (32 codes each)
+        scale = tl.join(_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row0, k0, K,
+                                BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, BLOCK_N),
+                        _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row0 + 8, k0, K,
+                                BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, BLOCK_N))
+        # [i, g, q, wpt, h, j0, j1, j2] -> [i, h, g, wpt, j2, j1, q, j0]: rows 16 i + 8 h + g, columns L
+        codes = tl.permute(_codes(word), (0, 4, 1, 3, 7, 6, 2, 5))
+        scale = tl.permute(scale[:, :, :, :, :, None, None, None], (0, 4, 1, 3, 7, 6, 2, 5))
+        value = tl.reshape(tl.gather(table, tl.reshape(codes, (BLOCK_N * BLOCK_K,)), 0), codes.shape)
+        w = tl.reshape(value * scale, (BLOCK_N, BLOCK_K))
         w = round_to(w, ROUND, BITWISE_BF16).to(DOT_DTYPE)   # bitsandbytes' value in x's dtype
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + kperm)[:, None] * stride_xk, mask=mask_m[None, :],
                      other=0.0)
         acc = tl.dot(w, xt.to(DOT_DTYPE), acc)
     acc_mn = tl.trans(acc)                        # [BLOCK_M, BLOCK_N], as the epilogue takes it
-    offs_n64 = offs_n.to(tl.int64)
+    # a tile moved back from the end leaves the rows the previous tile stores: they point past N
+    offs_n64 = tl.where(offs_n >= pid_n * BLOCK_N, offs_n, N).to(tl.int64)
     if SPLIT_K == 1:
         _forward_epilogue(acc_mn, acc_mn, offs_m.to(tl.int64), offs_n64, M, N,
                           xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling, 1.0,
                           mn_ptr, bias_ptr, y_ptr, stride_ym, z_ptr, stride_ym, R,
                           DORA, False, HAS_BIAS, SAVE_Z, RANK_PRECISION, BLOCK_R)
     else:
-        mask = mask_m[:, None] & (offs_n < N)[None, :]
+        mask = mask_m[:, None] & (offs_n64 < N)[None, :]
         tl.store(part_ptr + pid_s * stride_ps + offs_m[:, None] * N + offs_n64[None, :], acc_mn, mask=mask)
 
 
@@ -102,7 +143,9 @@ def eligible(x, weight) -> str:
     """'' when `decode_linear` takes this call, else why not."""
     if isinstance(weight, torch.Tensor):
         return "a dense weight"
-    K = weight.shape[1]
+    N, K = weight.shape
+    if N < _config(x.shape[0], N)["BLOCK_N"]:
+        return f"fewer than {_config(x.shape[0], N)['BLOCK_N']} output features"
     if K % weight.blocksize or K % BLOCK_K:
         return f"in_features not a multiple of {BLOCK_K} and of the quantization block"
     if x.shape[0] > 64:
@@ -116,10 +159,12 @@ def eligible(x, weight) -> str:
 
 def _config(M, N):
     if interpreting():
-        return dict(BLOCK_N=min(64, _pow2(N)), num_warps=4, num_stages=1)
-    # 128 weight rows x 128 columns a trip: about 0.2 warp-instructions a weight element and no
-    # spill up to 64 rows of x with 8 warps, whose 128 registers a thread leave room for two
-    # programs an SM to hide the loads' latency (sm_90 lowering, `python -m bench.model`)
+        # tiles of 16 rows or more (the layout's unit), at most N's largest power of two
+        return dict(BLOCK_N=max(16, min(64, 1 << max(0, N.bit_length() - 1))), num_warps=4, num_stages=1)
+    # 128 weight rows x 128 columns a trip: about 0.2 warp-instructions a weight element (the
+    # integer pipe the bound) and no spill up to 64 rows of x with 8 warps, whose ~120 registers
+    # a thread leave room for four programs an SM to hide the loads' latency (sm_90 lowering,
+    # `python -m bench.model`)
     return dict(BLOCK_N=128, num_warps=8, num_stages=1)
 
 
@@ -150,7 +195,7 @@ def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=
     _decode_linear_kernel[(tiles, split_k)](
         x, weight.packed, absmax, nested, nested_code, offset, code,
         xa, lora_B, mn_arg, bias_arg, scaling, y, z, part,
-        M, N, K, R, k_per_split,
+        M, N, K, R, k_per_split // 8, K // 8,
         x.stride(0), x.stride(1), xa.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0),
         part.stride(0) if split_k > 1 else 0,
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nbs,
