@@ -3,7 +3,10 @@
 - ``time_<op>_<mode>.png``: median time per shape and provider (bars, log scale) with p20-p80
   whiskers;
 - ``ratio_<op>_<mode>.png``: time(peft_ops) / time(provider) per shape (1.0 = parity);
-- ``saved_bytes.png``: the saved-for-backward memory table (canonical config).
+- ``saved_bytes.png``: the saved-for-backward memory table (canonical config);
+- from the static model's ``model.csv`` (metric ``predicted_time``), per GPU:
+  ``predicted_<gpu>_<op>_<mode>.png`` and ``ratio_<gpu>_<op>_<mode>.png`` at r = 16 without
+  dropout (one bar group a shape), every title saying the figures are predictions.
 """
 
 import argparse
@@ -59,25 +62,38 @@ def plot_csv(csv_path, out_dir):
 
     rows = read_csv(csv_path)
     os.makedirs(out_dir, exist_ok=True)
-    device = rows[0]["device"] if rows else ""
     paths = []
     by_op_mode = defaultdict(list)
+    predicted = any(r["metric"] == "predicted_time" for r in rows)
     for r in rows:
-        if "memory table" not in r["note"]:
-            by_op_mode[(r["op"], r["mode"])].append(r)
+        if "memory table" in r["note"]:
+            continue
+        if predicted and (r["r"] != "16" or float(r["dropout"] or 0)) and r["op"] != "nf4_dequantize":
+            continue   # one bar group a shape: the model's r = 64 and dropout cases stay in the CSV
+        by_op_mode[(r["device"], r["op"], r["mode"])].append(r)
 
-    for (op, mode), rs in by_op_mode.items():
-        times = [r for r in rs if r["metric"] == "time"]
+    for (device, op, mode), rs in by_op_mode.items():
+        stem = f"{op}_{mode.replace('+', '_')}"
+        if predicted:
+            gpu = device.split(" (")[0].lower().replace(" ", "")
+            time_name, ratio_name, unit = f"predicted_{gpu}_{stem}.png", f"ratio_{gpu}_{stem}.png", "us"
+            what = "predicted time, us (static model: a lower bound, not a measurement)"
+        else:
+            time_name, ratio_name, unit = f"time_{stem}.png", f"ratio_{stem}.png", "ms"
+            what = "time, ms (median, p20-p80)"
+        times = [r for r in rs if r["metric"] in ("time", "predicted_time")]
         if times:
             groups = list(dict.fromkeys(_shape(r) for r in times))
             series = list(dict.fromkeys(r["provider"] for r in times))
             vals = {(_shape(r), r["provider"]): float(r["p50"]) for r in times}
-            errs = {(_shape(r), r["provider"]): (float(r["p20"]), float(r["p80"])) for r in times}
+            errs = None if predicted else {(_shape(r), r["provider"]): (float(r["p20"]), float(r["p80"]))
+                                           for r in times}
             fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups) + 2), 4))
             _grouped_bars(ax, groups, series, vals, errs, log=True)
-            ax.set_ylabel("time, ms (median, p20-p80)")
-            ax.set_title(f"{op} {mode} ({device})", fontsize=9)
-            paths.append(_save(fig, out_dir, f"time_{op}_{mode.replace('+', '_')}.png"))
+            ax.set_ylabel(what if unit == "ms" else "predicted time, us")
+            ax.set_title(f"{op} {mode} ({device})" + ("\nstatic model: a lower bound, not a measurement"
+                                                       if predicted else ""), fontsize=9)
+            paths.append(_save(fig, out_dir, time_name))
         ratios = [r for r in rs if r["metric"].startswith("ratio_vs_")]
         if ratios:
             groups = list(dict.fromkeys(_shape(r) for r in ratios))
@@ -87,8 +103,9 @@ def plot_csv(csv_path, out_dir):
             _grouped_bars(ax, groups, series, vals, log=True)
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_ylabel("time(peft_ops) / time(provider)\n< 1: peft_ops faster")
-            ax.set_title(f"{op} {mode}: peft_ops vs each baseline ({device})", fontsize=9)
-            paths.append(_save(fig, out_dir, f"ratio_{op}_{mode.replace('+', '_')}.png"))
+            ax.set_title(f"{op} {mode}: peft_ops vs each baseline ({device})"
+                         + ("\nstatic model: a lower bound, not a measurement" if predicted else ""), fontsize=9)
+            paths.append(_save(fig, out_dir, ratio_name))
 
     mem = [r for r in rows if r["metric"] == "saved_bytes" and "memory table" in r["note"]]
     if mem:

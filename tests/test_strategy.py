@@ -13,10 +13,17 @@ from peft_ops.kernels import _config
 from peft_ops.kernels import gemm as kgemm
 from peft_ops.kernels import lora as klora
 
-from test_lora import run_case
+from test_lora import DEVICE, run_case
 
-pytestmark = pytest.mark.skipif(not _config.interpreting(), reason="the strategies run Triton kernels; "
-                                "tests/conftest.py sets TRITON_INTERPRET=1 for them on CPU")
+pytestmark = pytest.mark.skipif(not (_config.interpreting() or DEVICE.type == "cuda"),
+                                reason="the strategies run Triton kernels: in the interpreter (tests/conftest.py "
+                                "sets TRITON_INTERPRET=1) or on a GPU (PEFT_OPS_TEST_DEVICE=cuda)")
+
+
+@pytest.fixture(autouse=True)
+def _rule_not_timing(monkeypatch):
+    # on a GPU the strategy would be timed; these tests check the rule and the pins
+    monkeypatch.setenv("PEFT_OPS_STRATEGY_TIMING", "0")
 
 
 def _decisions(fn):
@@ -54,10 +61,10 @@ def test_split_k_table_lookup_equals_one_pass():
     from peft_ops.kernels import decode as kdecode
 
     gen = torch.Generator().manual_seed(3)
-    W = peft_ops.NF4Weight.quantize(torch.randn(48, 512, generator=gen).to(torch.bfloat16), blocksize=64)
-    x = torch.randn(5, 512, generator=gen).to(torch.bfloat16)
-    xa, B = torch.randn(5, 4, generator=gen), torch.randn(48, 4, generator=gen)
-    mn = torch.rand(48, generator=gen) + 0.5
+    W = peft_ops.NF4Weight.quantize(torch.randn(48, 512, generator=gen).to(DEVICE, torch.bfloat16), blocksize=64)
+    x = torch.randn(5, 512, generator=gen).to(DEVICE, torch.bfloat16)
+    xa, B = torch.randn(5, 4, generator=gen).to(DEVICE), torch.randn(48, 4, generator=gen).to(DEVICE)
+    mn = torch.rand(48, generator=gen).to(DEVICE) + 0.5
     one = kdecode.decode_linear(x, W, xa, B, 0.5, mn=mn, save_z=True, split_k=1)
     three = kdecode.decode_linear(x, W, xa, B, 0.5, mn=mn, save_z=True, split_k=3)
     for a, b in zip(one, three):
@@ -80,12 +87,12 @@ def test_chunked_buffers_equal_one_pass(dtype):
     # A buffer of a few rows forces several chunks; each must add up to the one-pass result.
     gen = torch.Generator().manual_seed(0)
     M, N, K, R = 70, 200, 128, 5
-    W = peft_ops.NF4Weight.quantize(torch.randn(N, K, generator=gen).to(dtype), blocksize=64)
-    x = torch.randn(M, K, generator=gen).to(dtype)
-    xa, B = torch.randn(M, R, generator=gen), torch.randn(N, R, generator=gen)
-    mn = torch.rand(N, generator=gen) + 0.5
-    xd = torch.where(torch.rand(M, K, generator=gen) > 0.3, x, torch.zeros((), dtype=dtype))
-    bias = torch.randn(N, generator=gen).to(dtype)
+    W = peft_ops.NF4Weight.quantize(torch.randn(N, K, generator=gen).to(DEVICE, dtype), blocksize=64)
+    x = torch.randn(M, K, generator=gen).to(DEVICE, dtype)
+    xa, B = torch.randn(M, R, generator=gen).to(DEVICE), torch.randn(N, R, generator=gen).to(DEVICE)
+    mn = torch.rand(N, generator=gen).to(DEVICE) + 0.5
+    xd = torch.where(torch.rand(M, K, generator=gen).to(DEVICE) > 0.3, x, torch.zeros((), dtype=dtype, device=DEVICE))
+    bias = torch.randn(N, generator=gen).to(DEVICE, dtype)
     for kw in (dict(bias=bias), dict(mn=mn, save_z=True), dict(mn=mn, xd=xd, inv_keep=1.5, save_z=True, bias=bias)):
         ref = klora.fused_linear(x, W, xa, B, 0.7, **kw)
         for backend in ("triton", "cublas"):
@@ -94,8 +101,8 @@ def test_chunked_buffers_equal_one_pass(dtype):
             for a, b, c in zip(*(t if isinstance(t, tuple) else (t,) for t in (ref, one, chunked))):
                 assert torch.equal(b, c), f"{backend} {list(kw)}: chunks differ from one pass"
                 torch.testing.assert_close(b.float(), a.float(), atol=3e-2 * a.abs().max().item(), rtol=0)
-    dy = torch.randn(M, N, generator=gen).to(dtype)
-    gb, A = torch.randn(M, R, generator=gen), torch.randn(R, K, generator=gen)
+    dy = torch.randn(M, N, generator=gen).to(DEVICE, dtype)
+    gb, A = torch.randn(M, R, generator=gen).to(DEVICE), torch.randn(R, K, generator=gen).to(DEVICE)
     for kw in (dict(), dict(dropout=0.3, seed=5), dict(col_scale=mn), dict(second_scale=mn - 1, dropout=0.2, seed=9)):
         ref = klora.fused_linear_dx(dy, W, gb, A, 0.7, **kw)
         one = kgemm.gemm_dx(dy, W, gb, A, 0.7, **kw)
@@ -110,8 +117,8 @@ def test_pin_runs_the_pinned_candidate_and_warns_once_when_it_cannot(monkeypatch
                                        adapter_dtype=torch.float32, nf4=True, dora=False, bias=False, p=0.0))
     assert made[("forward", "dequant_cublas", "pinned")] == 1 and made[("dx", "fused", "pinned")] == 1, made
     monkeypatch.setenv("PEFT_OPS_STRATEGY", "dequant_gemm")
-    x, W = torch.randn(80, 32), torch.randn(8, 32)   # fp32: the decode-once GEMM is 16-bit only
-    A, B = torch.randn(2, 32), torch.randn(8, 2)
+    x, W = torch.randn(80, 32).to(DEVICE), torch.randn(8, 32).to(DEVICE)   # fp32: the decode-once GEMM is 16-bit only
+    A, B = torch.randn(2, 32).to(DEVICE), torch.randn(8, 2).to(DEVICE)
     strategy._warned.clear()
     with pytest.warns(UserWarning, match="pins forward=dequant_gemm, but this call has torch.float32 activations"):
         made = _decisions(lambda: peft_ops.lora_linear(x, W, A, B, 1.0))
