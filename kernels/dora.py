@@ -10,8 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import decode as _decode
+from . import lora as _lora
 from ._config import interpreting
-from .lora import _nf4_blocksize, _pow2, _rank_block, rank_product, weight_args, weight_tile
+from .decode import _codes, _scales, _words
+from .dropout import round_to
+from .lora import _ROUND, _nf4_blocksize, _pow2, _rank_block, rank_product, weight_args, weight_tile
+from .nf4 import stats_args
 
 
 @triton.jit
@@ -61,11 +66,114 @@ def _column_dot_kernel(
     tl.store(out_ptr + tl.program_id(1) * stride_os + offs_n, acc, mask=mask_n)
 
 
+@triton.jit
+def _row_norm_lut_kernel(
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
+    a_ptr, b_ptr, scaling, part_ptr,
+    N, K, R, split_words, row_words,
+    stride_ar, stride_ak, stride_bn, stride_br, stride_ps,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    ROUND: tl.constexpr, BITWISE_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Σ_k (W + s·B A)² over this split's K range, per row of a BLOCK_N tile, for an NF4 weight
+    whose rows hold whole blocks. W is decoded as the table-lookup decode does it (`decode.py`),
+    in the layout of a tensor-core operand, which is also the layout of an MMA's accumulator: so
+    the rank product adds into the decoded tile itself, v = W + (s·B) Aᵀ with W as the MMA's
+    initial accumulator, and A is read in the tile's permuted K order."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    WORDS: tl.constexpr = BLOCK_K // 8
+    row0 = tl.minimum(pid_n * BLOCK_N, N - BLOCK_N)   # the last tile ends at row N
+    offs_n = row0 + tl.arange(0, BLOCK_N)
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    L = tl.arange(0, BLOCK_K)
+    kperm = 8 * (((L >> 1) & 3) * (WORDS // 4) + (L >> 5)) + (L & 1) + 2 * ((L >> 3) & 1) + 4 * ((L >> 4) & 1)
+    words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
+    sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    kw_begin = pid_s * split_words
+    for kw in range(kw_begin, tl.minimum(kw_begin + split_words, row_words), WORDS):
+        k0 = kw * 8
+        word = tl.join(_words(words_ptr, row0, kw, row_words, BLOCK_N, WORDS),
+                       _words(words_ptr, row0 + 8, kw, row_words, BLOCK_N, WORDS))
+        scale = tl.join(_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row0, k0, K,
+                                BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, BLOCK_N),
+                        _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row0 + 8, k0, K,
+                                BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, BLOCK_N))
+        codes = tl.permute(_codes(word), (0, 4, 1, 3, 7, 6, 2, 5))
+        scale = tl.permute(scale[:, :, :, :, :, None, None, None], (0, 4, 1, 3, 7, 6, 2, 5))
+        value = tl.reshape(tl.gather(table, tl.reshape(codes, (BLOCK_N * BLOCK_K,)), 0), codes.shape)
+        v = round_to(tl.reshape(value * scale, (BLOCK_N, BLOCK_K)), ROUND, BITWISE_BF16)   # W in its dtype
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=mask_r[None, :],
+                        other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + (k0 + kperm)[None, :] * stride_ak, mask=mask_r[:, None],
+                        other=0.0).to(tl.float32)
+            v = tl.dot(b * scaling, a, v, input_precision=PRECISION)
+        sumsq += tl.sum(v * v, axis=1)
+    # a tile moved back from the end leaves the rows the previous tile stores
+    live = offs_n >= pid_n * BLOCK_N
+    tl.store(part_ptr + pid_s * stride_ps + offs_n, sumsq, mask=live)
+
+
+@triton.jit
+def _sqrt_sum_kernel(part_ptr, out_ptr, N, stride_ps, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """out = sqrt(Σ_s part[s]) per row: the splits' sums of squares in a fixed order."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(part_ptr + s * stride_ps + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, tl.sqrt_rn(acc), mask=mask)
+
+
+def _lut_eligible(weight, N):
+    if isinstance(weight, torch.Tensor):
+        return False
+    K = weight.shape[1]
+    return K % weight.blocksize == 0 and K % _decode.BLOCK_K == 0 and N >= 16 and N * K // 8 < 2**31
+
+
+def _row_norm_lut(weight, lora_A, lora_B, scaling):
+    N, R = lora_B.shape
+    K = weight.shape[1]
+    absmax, nested, nested_code, offset, code, dq, nbs = stats_args(weight)
+    if interpreting():
+        BLOCK_N, num_warps = max(16, min(64, 1 << (N.bit_length() - 1))), 4
+    else:
+        BLOCK_N, num_warps = (128 if N >= 128 else 64 if N >= 64 else 16), 8 if N >= 128 else 4
+    BLOCK_K = _decode.BLOCK_K
+    tiles = triton.cdiv(N, BLOCK_N)
+    # split K so the row tiles fill the GPU; the splits' sums are added in a fixed order
+    splits = 1 if interpreting() else max(1, min(triton.cdiv(2 * _lora._sm_count(lora_A.device), tiles),
+                                                 K // BLOCK_K, 16))
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), BLOCK_K) * BLOCK_K
+    splits = triton.cdiv(K, k_per_split)
+    part = torch.empty((splits, N), dtype=torch.float32, device=lora_A.device)
+    _row_norm_lut_kernel[(tiles, splits)](
+        weight.packed, absmax, nested, nested_code, offset, code, lora_A, lora_B, scaling, part,
+        N, K, R, k_per_split // 8, K // 8,
+        lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), part.stride(0),
+        BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nbs, ROUND=_ROUND[weight.dtype],
+        BITWISE_BF16=interpreting(), PRECISION="ieee" if interpreting() else "tf32x3",
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=_rank_block(R), num_warps=num_warps, enable_fp_fusion=False,
+    )
+    out = torch.empty(N, dtype=torch.float32, device=lora_A.device)
+    _sqrt_sum_kernel[(triton.cdiv(N, 1024),)](part, out, N, part.stride(0), SPLITS=splits, BLOCK=1024,
+                                              enable_fp_fusion=False)
+    return out
+
+
 def row_norm(weight, lora_A, lora_B, scaling):
     """fp32 [N]: ‖W_j + s·(B A)_j‖₂ for every output row j. An NF4 weight is decoded in its
-    original dtype (as PEFT's `dequantize_module_weight` gives it); a dense one as stored."""
+    original dtype (as PEFT's `dequantize_module_weight` gives it); a dense one as stored. An NF4
+    weight with whole blocks a row and K a multiple of 128 takes the table-lookup decode."""
     N, R = lora_B.shape
     K = lora_A.shape[1]
+    if _lut_eligible(weight, N):
+        return _row_norm_lut(weight, lora_A, lora_B, scaling)
     wa = weight_args(weight, None if isinstance(weight, torch.Tensor) else weight.dtype)
     out = torch.empty(N, dtype=torch.float32, device=lora_A.device)
     if interpreting():
