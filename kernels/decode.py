@@ -36,30 +36,35 @@ from .lora import _ROUND, _dot_args, _forward_epilogue, _pow2, _rank_block, _spl
 from .nf4 import nf4_scale, stats_args
 
 BLOCK_K = 128
+MAX_M = 64   # rows of x the swapped GEMM takes (its N dimension)
 
 
 @triton.jit
-def _words(words_ptr, row0, kw, row_words, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
-    """int32 words [BLOCK_N // 16 (i), 8 (g), 4 (q), WORDS // 4 (wpt)] of rows row0 + 16 i + g,
-    words kw + WORDS/4 q + wpt: its load layout puts 4 words (16 bytes) in a thread, lanes over
-    (g, q) and warps over i, which is where the tensor core's A operand wants them (below)."""
+def _rows(row0, BLOCK_N: tl.constexpr):
+    """Row indices [BLOCK_N // 16 (i), 8 (g), 1, 1]: rows row0 + 16 i + g of a 16-row group's
+    first half (the second half is `_rows(row0 + 8)`)."""
     i = tl.arange(0, BLOCK_N // 16)[:, None, None, None]
     g = tl.arange(0, 8)[None, :, None, None]
+    return row0 + 16 * i + g
+
+
+@triton.jit
+def _words(words_ptr, rows, kw, row_words, WORDS: tl.constexpr):
+    """int32 words [BLOCK_N // 16 (i), 8 (g), 4 (q), WORDS // 4 (wpt)] of `rows` (`_rows`), words
+    kw + WORDS/4 q + wpt: its load layout puts 4 words (16 bytes) in a thread, lanes over (g, q)
+    and warps over i, which is where the tensor core's A operand wants them (below)."""
     q = tl.arange(0, 4)[None, None, :, None]
     wpt = tl.arange(0, WORDS // 4)[None, None, None, :]
-    return tl.load(words_ptr + (row0 + 16 * i + g) * row_words + kw + q * (WORDS // 4) + wpt)
+    return tl.load(words_ptr + rows * row_words + kw + q * (WORDS // 4) + wpt)
 
 
 @triton.jit
-def _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row0, k0, K,
-            BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-            BLOCK_N: tl.constexpr):
-    """fp32 scales [BLOCK_N // 16 (i), 8 (g), 4 (q), 1] of rows row0 + 16 i + g for the words of
-    lane q (K k0 + 32 q ..): shaped as `_words`, so they meet its layout with no movement."""
-    i = tl.arange(0, BLOCK_N // 16)[:, None, None, None]
-    g = tl.arange(0, 8)[None, :, None, None]
+def _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows, k0, K,
+            BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 scales [BLOCK_N // 16 (i), 8 (g), 4 (q), 1] of `rows` for the words of lane q (K
+    k0 + 32 q ..): shaped as `_words`, so they meet its layout with no movement."""
     q = tl.arange(0, 4)[None, None, :, None]
-    block = (row0 + 16 * i + g) * (K // BLOCKSIZE) + (k0 + 32 * q) // BLOCKSIZE
+    block = rows * (K // BLOCKSIZE) + (k0 + 32 * q) // BLOCKSIZE
     return nf4_scale(block, True, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                      DOUBLE_QUANT, NESTED_BLOCKSIZE)
 
@@ -71,6 +76,48 @@ def _codes(word):
     return tl.join(tl.join(tl.join((word >> 4) & 0xF, word & 0xF), tl.join((word >> 12) & 0xF, (word >> 8) & 0xF)),
                    tl.join(tl.join((word >> 20) & 0xF, (word >> 16) & 0xF),
                            tl.join((word >> 28) & 0xF, (word >> 24) & 0xF)))
+
+
+@triton.jit
+def lut_tile(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, table, factor_ptr,
+             rows_lo, rows_hi, kw, row_words, K,
+             BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+             NATURAL: tl.constexpr, FACTOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 W[rows, 8 kw : 8 kw + BLOCK_K] (code times block scale, unrounded) of an NF4 weight
+    whose rows hold whole quantization blocks, BLOCK_K = 128: rows 16 i + 8 h + g of the tile are
+    `rows_lo` (h = 0) and `rows_hi` (h = 1) (`_rows`), `table` the 16 code values.
+
+    Returned as (w, w · f) with f the factor `factor_ptr[row]` of each row when FACTOR, else
+    (w, w). The tile's logical columns are in the order the register A operand of the tensor core
+    wants (column L holds K index `kperm[L]`, see `_decode_linear_kernel`) or, NATURAL, in K order
+    (for a tile that goes to shared memory as a wgmma operand)."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    word = tl.join(_words(words_ptr, rows_lo, kw, row_words, WORDS),
+                   _words(words_ptr, rows_hi, kw, row_words, WORDS))
+    # one scale a row and quantization block; a block holds whole lanes' words (32 codes each)
+    scale = tl.join(_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows_lo, kw * 8, K,
+                            BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE),
+                    _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows_hi, kw * 8, K,
+                            BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE))
+    if FACTOR:
+        factor = tl.join(tl.load(factor_ptr + rows_lo), tl.load(factor_ptr + rows_hi))[:, :, :, :, :, None, None, None]
+    else:
+        factor = scale[:, :, :, :, :, None, None, None]   # unused
+    if NATURAL:
+        # [i, g, q, wpt, h, j0, j1, j2] -> [i, h, g, q, wpt, j2, j1, j0]: K = 32 q + 8 wpt + 4 j2 + 2 j1 + j0
+        codes = tl.permute(_codes(word), (0, 4, 1, 2, 3, 7, 6, 5))
+        scale = tl.permute(scale[:, :, :, :, :, None, None, None], (0, 4, 1, 2, 3, 7, 6, 5))
+        factor = tl.permute(factor, (0, 4, 1, 2, 3, 7, 6, 5))
+    else:
+        # [i, g, q, wpt, h, j0, j1, j2] -> [i, h, g, wpt, j2, j1, q, j0]: rows 16 i + 8 h + g, columns L
+        codes = tl.permute(_codes(word), (0, 4, 1, 3, 7, 6, 2, 5))
+        scale = tl.permute(scale[:, :, :, :, :, None, None, None], (0, 4, 1, 3, 7, 6, 2, 5))
+        factor = tl.permute(factor, (0, 4, 1, 3, 7, 6, 2, 5))
+    value = tl.reshape(tl.gather(table, tl.reshape(codes, (BLOCK_N * BLOCK_K,)), 0), codes.shape) * scale
+    w = tl.reshape(value, (BLOCK_N, BLOCK_K))
+    if FACTOR:
+        return w, tl.reshape(value * factor, (BLOCK_N, BLOCK_K))   # two roundings, as the dequantize kernel
+    return w, w
 
 
 @triton.jit
@@ -106,22 +153,15 @@ def _decode_linear_kernel(
     L = tl.arange(0, BLOCK_K)
     kperm = 8 * (((L >> 1) & 3) * (WORDS // 4) + (L >> 5)) + (L & 1) + 2 * ((L >> 3) & 1) + 4 * ((L >> 4) & 1)
     words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
+    rows_lo = _rows(row0, BLOCK_N)
+    rows_hi = _rows(row0 + 8, BLOCK_N)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     kw_begin = pid_s * split_words
     for kw in range(kw_begin, tl.minimum(kw_begin + split_words, row_words), WORDS):
         k0 = kw * 8
-        word = tl.join(_words(words_ptr, row0, kw, row_words, BLOCK_N, WORDS),          # h = 0: rows 16 i + g
-                       _words(words_ptr, row0 + 8, kw, row_words, BLOCK_N, WORDS))      # h = 1: rows 16 i + 8 + g
-        # one scale a row and quantization block; a block holds whole lanes' words (32 codes each)
-        scale = tl.join(_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row0, k0, K,
-                                BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, BLOCK_N),
-                        _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row0 + 8, k0, K,
-                                BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, BLOCK_N))
-        # [i, g, q, wpt, h, j0, j1, j2] -> [i, h, g, wpt, j2, j1, q, j0]: rows 16 i + 8 h + g, columns L
-        codes = tl.permute(_codes(word), (0, 4, 1, 3, 7, 6, 2, 5))
-        scale = tl.permute(scale[:, :, :, :, :, None, None, None], (0, 4, 1, 3, 7, 6, 2, 5))
-        value = tl.reshape(tl.gather(table, tl.reshape(codes, (BLOCK_N * BLOCK_K,)), 0), codes.shape)
-        w = tl.reshape(value * scale, (BLOCK_N, BLOCK_K))
+        w = lut_tile(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, table, code_ptr,
+                     rows_lo, rows_hi, kw, row_words, K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE,
+                     False, False, BLOCK_N, BLOCK_K)[0]
         w = round_to(w, ROUND, BITWISE_BF16).to(DOT_DTYPE)   # bitsandbytes' value in x's dtype
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + kperm)[:, None] * stride_xk, mask=mask_m[None, :],
                      other=0.0)
@@ -148,8 +188,8 @@ def eligible(x, weight) -> str:
         return f"fewer than {_config(x.shape[0], N)['BLOCK_N']} output features"
     if K % weight.blocksize or K % BLOCK_K:
         return f"in_features not a multiple of {BLOCK_K} and of the quantization block"
-    if x.shape[0] > 64:
-        return "more than 64 rows"
+    if x.shape[0] > MAX_M:
+        return f"more than {MAX_M} rows"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"{x.dtype} activations"
     if weight.shape[0] * K // 8 >= 2**31:

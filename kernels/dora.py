@@ -13,7 +13,7 @@ import triton.language as tl
 from . import decode as _decode
 from . import lora as _lora
 from ._config import interpreting
-from .decode import _codes, _scales, _words
+from .decode import _rows, lut_tile
 from .dropout import round_to
 from .lora import _ROUND, _nf4_blocksize, _pow2, _rank_block, rank_product, weight_args, weight_tile
 from .nf4 import stats_args
@@ -90,20 +90,16 @@ def _row_norm_lut_kernel(
     L = tl.arange(0, BLOCK_K)
     kperm = 8 * (((L >> 1) & 3) * (WORDS // 4) + (L >> 5)) + (L & 1) + 2 * ((L >> 3) & 1) + 4 * ((L >> 4) & 1)
     words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
+    rows_lo = _rows(row0, BLOCK_N)
+    rows_hi = _rows(row0 + 8, BLOCK_N)
     sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     kw_begin = pid_s * split_words
     for kw in range(kw_begin, tl.minimum(kw_begin + split_words, row_words), WORDS):
         k0 = kw * 8
-        word = tl.join(_words(words_ptr, row0, kw, row_words, BLOCK_N, WORDS),
-                       _words(words_ptr, row0 + 8, kw, row_words, BLOCK_N, WORDS))
-        scale = tl.join(_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row0, k0, K,
-                                BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, BLOCK_N),
-                        _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, row0 + 8, k0, K,
-                                BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, BLOCK_N))
-        codes = tl.permute(_codes(word), (0, 4, 1, 3, 7, 6, 2, 5))
-        scale = tl.permute(scale[:, :, :, :, :, None, None, None], (0, 4, 1, 3, 7, 6, 2, 5))
-        value = tl.reshape(tl.gather(table, tl.reshape(codes, (BLOCK_N * BLOCK_K,)), 0), codes.shape)
-        v = round_to(tl.reshape(value * scale, (BLOCK_N, BLOCK_K)), ROUND, BITWISE_BF16)   # W in its dtype
+        w = lut_tile(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, table, code_ptr,
+                     rows_lo, rows_hi, kw, row_words, K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE,
+                     False, False, BLOCK_N, BLOCK_K)[0]
+        v = round_to(w, ROUND, BITWISE_BF16)   # W in its dtype
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < R

@@ -65,6 +65,36 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def dot_split3(a, b, acc, FP32_LEFT: tl.constexpr, BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """acc + a · b at fp32 accuracy on the bf16 tensor cores ("bf16x3"), one operand holding bf16
+    values (exact) and the other fp32 (`a` when FP32_LEFT, else `b`): the fp32 one is split into
+    three bf16 terms hi + mid + lo (24 significant bits, fp32's; bf16 has fp32's exponent range),
+    so every product is exact in the fp32 accumulator. The smallest terms go first. Half the
+    tensor-core time of "tf32x3", and the 16-bit tile stays as loaded."""
+    if FP32_LEFT:
+        f32 = a
+    else:
+        f32 = b
+    hi = round_to(f32, 1, BITWISE_BF16)
+    rest = f32 - hi
+    mid = round_to(rest, 1, BITWISE_BF16)
+    lo = round_to(rest - mid, 1, BITWISE_BF16).to(DOT_DTYPE)
+    hi = hi.to(DOT_DTYPE)
+    mid = mid.to(DOT_DTYPE)
+    if FP32_LEFT:
+        b = b.to(DOT_DTYPE)
+        acc = tl.dot(lo, b, acc)
+        acc = tl.dot(mid, b, acc)
+        acc = tl.dot(hi, b, acc)
+    else:
+        a = a.to(DOT_DTYPE)
+        acc = tl.dot(a, lo, acc)
+        acc = tl.dot(a, mid, acc)
+        acc = tl.dot(a, hi, acc)
+    return acc
+
+
+@triton.jit
 def rank_product(acc, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rn, offs_m, offs_n, mask_m, mask_n,
                  R, scale, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
     """acc + scale · L[offs_m, :R] · Rm[:R, offs_n] for an fp32 tile `acc`, accumulated in place.
@@ -134,10 +164,13 @@ def _lora_shrink_kernel(
     # dropout on x
     seed, p, inv_keep,
     DROPOUT: tl.constexpr, WRITE_XD: tl.constexpr, PRECISION: tl.constexpr,
+    BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[split] = drop(x)[:, split's K range] · A[:, same]ᵀ in fp32, one chunk of BLOCK_R ranks
-    a program; optionally writes keep ⊙ x (the first rank chunk does)."""
+    a program; optionally writes keep ⊙ x (the first rank chunk does). The product is of keep ⊙ x
+    (exact in x's dtype) and 1/(1-p) scales the fp32 result; with PRECISION "bf16x3" a bf16 x
+    feeds the tensor cores as loaded (`dot_split3`)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -152,18 +185,21 @@ def _lora_shrink_kernel(
         mask_k = offs_k < K
         mask = mask_m[:, None] & mask_k[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-        x = x.to(tl.float32)
         if DROPOUT:
-            d = dropout_scale(seed, offs_m[:, None] * K + offs_k[None, :], p, inv_keep)
+            # keep ⊙ x, exact in x's dtype; the 1/(1-p) goes on the fp32 result
+            x = tl.where(dropout_scale(seed, offs_m[:, None] * K + offs_k[None, :], p, inv_keep) > 0, x, 0.0)
             if WRITE_XD:
                 if pid_r == 0:
-                    # keep ⊙ x, exact in x's dtype; the 1/(1-p) goes on the fp32 GEMM result.
                     tl.store(xd_ptr + offs_m[:, None] * stride_xdm + offs_k[None, :],
-                             tl.where(d > 0, x, 0.0).to(xd_ptr.dtype.element_ty), mask=mask)
-            x = x * d
+                             x.to(xd_ptr.dtype.element_ty), mask=mask)
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(x, tl.trans(a), input_precision=PRECISION)
+        if PRECISION == "bf16x3":
+            acc = dot_split3(x, tl.trans(a), acc, False, BITWISE_BF16, DOT_DTYPE)
+        else:
+            acc += tl.dot(x.to(tl.float32), tl.trans(a), input_precision=PRECISION)
+    if DROPOUT:
+        acc = acc * inv_keep
     tl.store(out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_r[None, :], acc,
              mask=mask_m[:, None] & mask_r[None, :])
 
@@ -319,15 +355,20 @@ def _fused_linear_dx_kernel(
 
 @triton.jit
 def _outer_reduce_kernel(
-    l_ptr, r_ptr, out_ptr,
+    l_ptr, r_ptr, out_ptr, factor_ptr,
     M, P, Q, m_per_split,
     stride_lm, stride_lp, stride_rm, stride_rq, stride_os, stride_op,
-    seed, p, inv_keep,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    seed, p, inv_keep, scale,
+    DROPOUT: tl.constexpr, FACTOR: tl.constexpr, PRECISION: tl.constexpr, FP32_LEFT: tl.constexpr,
+    SWAP: tl.constexpr, BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    """out[split] = Σ_m L[m, :]ᵀ R'[m, :] over the split's rows, fp32; R' = R ⊙ D with dropout
-    (D regenerated for R = x, indexed as x [M, Q])."""
+    """out[split] = scale · f ⊙ Σ_m L[m, :]ᵀ R'[m, :] over the split's rows, fp32; R' = keep ⊙ R
+    with dropout (D regenerated for R = x, indexed as x [M, Q]; its 1/(1-p) joins `scale`), f the
+    factor `factor_ptr[p]` of each output row with FACTOR, else 1. With SWAP the tile is computed
+    transposed, R'ᵀ L, so the long side (Q) is the tensor core's M dimension. With PRECISION
+    "bf16x3" the 16-bit operand feeds the tensor cores as loaded (`dot_split3`; FP32_LEFT says
+    the dot's left operand is the fp32 one)."""
     pid_p = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -335,20 +376,39 @@ def _outer_reduce_kernel(
     offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_p = offs_p < P
     mask_q = offs_q < Q
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     m_begin = pid_s.to(tl.int64) * m_per_split
     for m0 in range(0, tl.minimum(m_per_split, M - m_begin), BLOCK_M):
         offs_m = m_begin + m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         lhs = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_p[None, :] * stride_lp,
-                      mask=mask_m[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+                      mask=mask_m[:, None] & mask_p[None, :], other=0.0)
         rhs = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_q[None, :] * stride_rq,
-                      mask=mask_m[:, None] & mask_q[None, :], other=0.0).to(tl.float32)
+                      mask=mask_m[:, None] & mask_q[None, :], other=0.0)
         if DROPOUT:
-            rhs = rhs * dropout_scale(seed, offs_m[:, None] * Q + offs_q[None, :], p, inv_keep)
-        acc += tl.dot(tl.trans(lhs), rhs, input_precision=PRECISION)
-    tl.store(out_ptr + pid_s * stride_os + offs_p[:, None] * stride_op + offs_q[None, :], acc,
-             mask=mask_p[:, None] & mask_q[None, :])
+            rhs = tl.where(dropout_scale(seed, offs_m[:, None] * Q + offs_q[None, :], p, inv_keep) > 0, rhs, 0.0)
+        if SWAP:
+            left, right = tl.trans(rhs), lhs
+        else:
+            left, right = tl.trans(lhs), rhs
+        if PRECISION == "bf16x3":
+            acc = dot_split3(left, right, acc, FP32_LEFT, BITWISE_BF16, DOT_DTYPE)
+        else:
+            acc = tl.dot(left.to(tl.float32), right.to(tl.float32), acc, input_precision=PRECISION)
+    acc = acc * (scale * inv_keep if DROPOUT else scale)
+    if SWAP:
+        if FACTOR:
+            acc = acc * tl.load(factor_ptr + offs_p, mask=mask_p, other=0.0)[None, :]
+        tl.store(out_ptr + pid_s * stride_os + offs_q[:, None] + offs_p[None, :] * stride_op, acc,
+                 mask=mask_q[:, None] & mask_p[None, :])
+    else:
+        if FACTOR:
+            acc = acc * tl.load(factor_ptr + offs_p, mask=mask_p, other=0.0)[:, None]
+        tl.store(out_ptr + pid_s * stride_os + offs_p[:, None] * stride_op + offs_q[None, :], acc,
+                 mask=mask_p[:, None] & mask_q[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,6 +472,11 @@ def _rank_precision(*operands) -> str:
     if any(t.dtype in (torch.float16, torch.bfloat16) for t in operands):
         return "tf32x3"
     return "ieee"
+
+
+def _shrink_precision(x) -> str:
+    """The shrink's product: "bf16x3" for a bf16 x (`dot_split3`), else as `_rank_precision`."""
+    return "bf16x3" if x.dtype == torch.bfloat16 else _rank_precision(x)
 
 
 def _rank_block(R: int, limit: int = 16) -> int:
@@ -502,7 +567,7 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
     R = a.shape[0]
     # Rank chunks of 16 with the Philox state live, else 32; a program per chunk.
     BLOCK_R = _rank_block(R, 16 if dropout else 32)
-    precision = _rank_precision(x)
+    precision = _shrink_precision(x)
     if interpreting():
         BLOCK_M, BLOCK_K = min(64, _pow2(M)), min(128, _pow2(K))
     elif precision == "ieee":
@@ -511,12 +576,16 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
     else:
         # tensor-core products: a longer K step; the Philox state takes the room of half the rows,
         # and of half the K step when keep ⊙ x is written too
-        BLOCK_M, BLOCK_K = (16 if M <= 16 else 32 if dropout else 64), (32 if write_xd else 64)
+        BLOCK_M = 16 if M <= 16 else 32 if dropout else 64
+        BLOCK_K = 32 if write_xd else 64 if dropout or precision != "bf16x3" else 128
     if split_k is None:
-        # Few row tiles (M up to a few thousand) would leave most SMs idle: split K as well.
+        # Few row tiles (M up to a couple of thousand) would leave most SMs idle: split K as well,
+        # and sum the splits after. From a quarter of the SMs' worth of row tiles the one pass is
+        # bound by HBM, or within the sum's launch of it (sm_90 lowering, `bench.model`).
         row_tiles = triton.cdiv(M, BLOCK_M)
-        split_k = 1 if interpreting() else max(1, min(triton.cdiv(2 * _sm_count(x.device), row_tiles),
-                                                      triton.cdiv(K, 4 * BLOCK_K), 32))
+        sms = _sm_count(x.device)
+        split_k = 1 if interpreting() or 4 * row_tiles >= sms else max(1, min(
+            triton.cdiv(2 * sms, row_tiles), triton.cdiv(K, 4 * BLOCK_K), 32))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     split_k = triton.cdiv(K, k_per_split)
     out = torch.empty((split_k, M, R), dtype=torch.float32, device=x.device)
@@ -526,8 +595,9 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
         x, a, out, xd, M, K, R, k_per_split,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1), xd.stride(0),
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
-        DROPOUT=dropout > 0, WRITE_XD=write_xd, PRECISION=precision,
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, num_warps=4, enable_fp_fusion=False,
+        DROPOUT=dropout > 0, WRITE_XD=write_xd, PRECISION=precision, BITWISE_BF16=interpreting(),
+        DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, num_warps=4,
+        enable_fp_fusion=False,
     )
     xa = out[0] if split_k == 1 else out.sum(0)
     if write_xd:
@@ -619,34 +689,49 @@ def fused_linear_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_s
     return dx if dx.dtype == out_dtype else dx.to(out_dtype)
 
 
-def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, split_m=None):
-    """Σ_m lhs[m]ᵀ (rhs[m] ⊙ D[m]) as fp32 [P, Q] (lhs [M, P], rhs [M, Q]; D only with dropout)."""
+def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, scale=1.0, factor=None, split_m=None):
+    """scale · factor ⊙ Σ_m lhs[m]ᵀ (rhs[m] ⊙ D[m]) as fp32 [P, Q] (lhs [M, P], rhs [M, Q]; D only
+    with dropout; `factor` [P] fp32 scales each output row, when given)."""
     M, P = lhs.shape
     Q = rhs.shape[1]
     precision = _rank_precision(lhs, rhs)
+    bf16 = [t.dtype == torch.bfloat16 for t in (lhs, rhs)]
+    if sum(bf16) == 1 and torch.float32 in (lhs.dtype, rhs.dtype):
+        precision = "bf16x3"
     if interpreting():
         BLOCK_M, BLOCK_P, BLOCK_Q = min(64, _pow2(M)), min(64, _pow2(P)), min(64, _pow2(Q))
     else:
-        # 16 x 128 outputs a program with the long side on the larger of P and Q (dA is r x K, dB
+        # 16 outputs by `long` a program, the long side on the larger of P and Q (dA is r x K, dB
         # is N x r); fp32 FMA products take a short reduction step, tensor cores a longer one.
-        BLOCK_M = 16 if precision == "ieee" else 32 if dropout else 64
-        if P <= Q:
-            BLOCK_P, BLOCK_Q = 16, min(128, _pow2(Q))
+        # bf16x3: 64 x 16 tiles of 128-row steps are bound by HBM from 64 tiles up, in one pass
+        # (sm_90 lowering, `bench.model`).
+        if precision == "bf16x3":
+            BLOCK_M, long = (32 if dropout else 128), 64
         else:
-            BLOCK_P, BLOCK_Q = min(128, _pow2(P)), 16
+            BLOCK_M, long = (16 if precision == "ieee" else 32 if dropout else 64), 128
+        if P <= Q:
+            BLOCK_P, BLOCK_Q = 16, min(long, _pow2(Q))
+        else:
+            BLOCK_P, BLOCK_Q = min(long, _pow2(P)), 16
+    # the long side of the tile as the tensor core's M dimension (dA = gbᵀ x is r x K)
+    swap = P < Q
     tiles = triton.cdiv(P, BLOCK_P) * triton.cdiv(Q, BLOCK_Q)
     if split_m is None:
-        split_m = 1 if interpreting() else max(1, min(triton.cdiv(2 * _sm_count(lhs.device), tiles),
-                                                      triton.cdiv(M, 4 * BLOCK_M)))
+        # split M (and sum the splits after) only when the tiles alone leave most SMs idle
+        sms = _sm_count(lhs.device)
+        split_m = 1 if interpreting() or 4 * tiles >= sms else max(1, min(triton.cdiv(2 * sms, tiles),
+                                                                            triton.cdiv(M, 4 * BLOCK_M)))
     m_per_split = triton.cdiv(triton.cdiv(M, split_m), BLOCK_M) * BLOCK_M
     split_m = triton.cdiv(M, m_per_split)
     out = torch.empty((split_m, P, Q), dtype=torch.float32, device=lhs.device)
     grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(Q, BLOCK_Q), split_m)
     _outer_reduce_kernel[grid](
-        lhs, rhs, out, M, P, Q, m_per_split,
+        lhs, rhs, out, factor if factor is not None else out, M, P, Q, m_per_split,
         lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1), out.stride(0), out.stride(1),
-        seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
-        DROPOUT=dropout > 0, PRECISION=precision,
+        seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0, scale,
+        DROPOUT=dropout > 0, FACTOR=factor is not None, PRECISION=precision, FP32_LEFT=bf16[0] == swap,
+        SWAP=swap,
+        BITWISE_BF16=interpreting(), DOT_DTYPE=tl.bfloat16 if precision == "bf16x3" and not interpreting() else tl.float32,
         BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, enable_fp_fusion=False,
     )
     return out[0] if split_m == 1 else out.sum(0)

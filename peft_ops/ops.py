@@ -114,14 +114,18 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
         budget = strategy.buffer_mib() << 20
         candidates = {
             "fused": lambda: _lora.fused_linear(x, weight, xa, lora_B, scaling, **kw),
+            # the table-lookup decode: in the swapped GEMM up to 64 rows, in the TMA GEMM's loop above
             "fused_lut": lambda: _decode.decode_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn,
-                                                       save_z=save_z),
+                                                       save_z=save_z) if x.shape[0] <= _decode.MAX_M
+            else _gemm.gemm_forward(x, weight, xa, lora_B, scaling, backend="lut", **kw),
             "dequant_gemm": lambda: _gemm.gemm_forward(x, weight, xa, lora_B, scaling, buffer_bytes=budget, **kw),
             "dequant_cublas": lambda: _gemm.gemm_forward(x, weight, xa, lora_B, scaling, buffer_bytes=budget,
                                                          backend="cublas", **kw),
         }
-        # the table-lookup decode has no second accumulator (DoRA's dropout form)
-        why_not_lut = "DoRA's dropout form" if xd is not None else _decode.eligible(x, weight)
+        if x.shape[0] > _decode.MAX_M:
+            why_not_lut = _gemm.lut_eligible(weight) or strategy.why_not_decode_once("forward", x, weight)
+        else:   # the swapped GEMM has no second accumulator (DoRA's dropout form)
+            why_not_lut = "DoRA's dropout form" if xd is not None else _decode.eligible(x, weight)
         flags = dict(dora=mn is not None, second=xd is not None, bias=bias is not None, z=save_z)
         return candidates[strategy.choose("forward", x, weight, flags, candidates, why_not_lut)]()
     w = dense_weight(weight, x.dtype).float()
@@ -154,12 +158,15 @@ def fused_linear_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_s
             # the TMA GEMM reads dy by 16-byte rows: an expanded or strided dy is copied once
             "dequant_gemm": lambda: _gemm.gemm_dx(dy.contiguous(), weight, gb, lora_A, scaling,
                                                   buffer_bytes=budget, **kw),
+            "fused_lut": lambda: _gemm.gemm_dx(dy.contiguous(), weight, gb, lora_A, scaling, lut=True, **kw),
         }
         if dy.dtype != out_dtype:
-            del candidates["dequant_gemm"]   # the GEMM reads dy as dx's own 16-bit type
+            # the GEMMs read dy as dx's own 16-bit type
+            del candidates["dequant_gemm"], candidates["fused_lut"]
         flags = dict(dora=col_scale is not None or second_scale is not None, second=second_scale is not None,
                      dropout=dropout > 0)
-        return candidates[strategy.choose("dx", dy, weight, flags, candidates)]()
+        why_not_lut = _gemm.lut_eligible(weight) or strategy.why_not_decode_once("dx", dy, weight)
+        return candidates[strategy.choose("dx", dy, weight, flags, candidates, why_not_lut)]()
     w = dense_weight(weight, out_dtype).float()
     g = dy.float() if col_scale is None else dy.float() * col_scale
     acc = g @ w

@@ -5,10 +5,12 @@ Candidates (`CANDIDATES`), for the forward GEMM (`forward`) and the backward dx 
 
     fused           NF4 tiles decoded in registers inside one Triton GEMM (`kernels.lora`): any
                     shape, dtype and stride; the weight is read as 4-bit bytes, once per M tile.
-    fused_lut       (forward, up to 64 rows, NF4 with whole blocks a row, 16-bit x) the decode as
-                    a lookup in a shared-memory code table, in a swapped tensor-core GEMM
-                    (`kernels.decode`): every weight element read once, decoded with ~5
-                    instructions a thread.
+    fused_lut       (NF4 with whole quantization blocks a row, 16-bit activations) the decode as
+                    a lookup in a shared-memory code table, ~5 instructions a thread for 8 weights:
+                    up to 64 rows (forward) in a swapped tensor-core GEMM (`kernels.decode`), every
+                    weight element read once; above (forward) and for dx, a tile at a time inside
+                    the TMA GEMM's K loop (`kernels.gemm`, no buffer), so the decode hides under
+                    the tensor cores instead of costing a pass over the weight.
     dequant_gemm    the weight decoded once a call into a transient buffer of at most
                     `buffer_mib()` MiB, then a tensor-core GEMM with the epilogue fused
                     (`kernels.gemm`, TMA); 16-bit activations with 16-byte aligned rows.
@@ -23,8 +25,8 @@ How one is picked (`choose`):
     and the winner kept in memory and on disk (`PEFT_OPS_STRATEGY_CACHE`, default
     ~/.cache/peft_ops/strategy.json); set `PEFT_OPS_STRATEGY_TIMING=0` to use the rule instead.
   - everywhere else (the interpreter, the bench's static model on meta tensors), and while a CUDA
-    graph is being captured, by `rule`: `dequant_gemm` from `RULE_MIN_M` rows when eligible,
-    `fused_lut` below when eligible, else `fused`.
+    graph is being captured, by `rule`: `fused_lut` when eligible, else `dequant_gemm` from
+    `RULE_MIN_M` rows when eligible, else `fused`.
 
 Every candidate computes the same function; they differ in rounding order only, so a choice,
 once made for a key, keeps results bitwise repeatable.
@@ -39,7 +41,8 @@ from collections import Counter
 import torch
 
 OPS = ("forward", "dx")
-CANDIDATES = {"forward": ("fused", "fused_lut", "dequant_gemm", "dequant_cublas"), "dx": ("fused", "dequant_gemm")}
+CANDIDATES = {"forward": ("fused", "fused_lut", "dequant_gemm", "dequant_cublas"),
+              "dx": ("fused", "fused_lut", "dequant_gemm")}
 # bitsandbytes' own sm_90 dispatch keeps its fused 4-bit kernel up to M = 64 and decodes once
 # beyond ("dequant + F.linear is significantly faster"); the static model agrees for these
 # kernels (README, "Predicted on a Hopper GPU").
@@ -108,11 +111,13 @@ def why_not_decode_once(op, act, weight) -> str:
 
 
 def rule(op, M, why_not, why_not_lut="not a candidate") -> str:
-    """The fixed choice: decode once for training-sized M, the table-lookup decode below, when the
-    call allows them; else the fused kernels."""
-    if M >= RULE_MIN_M:
-        return "dequant_gemm" if not why_not else "fused"
-    return "fused_lut" if not why_not_lut else "fused"
+    """The fixed choice: the table-lookup decode when the call allows it; else, for training-sized
+    M, decode once; else the fused kernels."""
+    if not why_not_lut:
+        return "fused_lut"
+    if M >= RULE_MIN_M and not why_not:
+        return "dequant_gemm"
+    return "fused"
 
 
 def _key(op, act, weight, flags):

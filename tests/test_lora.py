@@ -43,7 +43,7 @@ def backend(request, monkeypatch):
         if request.param == "triton-decode-once":
             monkeypatch.setenv("PEFT_OPS_STRATEGY", "dequant_gemm")
         elif request.param == "triton-lut":
-            monkeypatch.setenv("PEFT_OPS_STRATEGY", "forward=fused_lut")
+            monkeypatch.setenv("PEFT_OPS_STRATEGY", "fused_lut")
     return request.param
 
 
@@ -286,6 +286,40 @@ def test_split_k_paths_match_single_pass(dora):
     r1 = klora.outer_reduce(x, B[:3], split_m=1)
     r2 = klora.outer_reduce(torch.cat([x] * 30), torch.cat([B[:3]] * 30), split_m=4)
     torch.testing.assert_close(r2, 30 * r1, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not (_config.interpreting() or DEVICE.type == "cuda"), reason="Triton kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_rank_kernels_are_fp32_accurate_beside_16_bit_activations(dtype, p):
+    # The shrink and the dA / dB reductions multiply a 16-bit activation by an fp32 operand on the
+    # tensor cores (bf16x3 for bf16, tf32x3 for fp16). Each must be as accurate as an fp32
+    # product: within a few fp32 ulps of Σ|a||b| per output, far below one bf16 split term's loss
+    # (2^-17), so a dropped term fails. With a scale and a per-row factor, and dropout's mask.
+    from peft_ops.kernels.dropout import dropout_scale_tensor
+
+    gen = torch.Generator().manual_seed(1)
+    c = torch.float64
+    M, K, R = 67, 300, 5
+    x = torch.randn(M, K, generator=gen).to(DEVICE, dtype)
+    A = torch.randn(R, K, generator=gen).to(DEVICE)
+    gb = torch.randn(M, R, generator=gen).to(DEVICE)
+    keep = (dropout_scale_tensor(3, (M, K), p, DEVICE) > 0) if p else torch.ones(M, K, dtype=torch.bool, device=DEVICE)
+    xk = x.to(c) * keep / (1 - p)
+
+    def check(got, ref, bound, what):
+        rel = ((got.to(c) - ref).abs() / bound.clamp_min(1e-30)).max().item()
+        assert rel <= 1e-6, f"{what}: error {rel:.2e} of Σ|a||b|"
+
+    check(klora.lora_shrink(x, A, dropout=p, seed=3), xk @ A.to(c).t(), xk.abs() @ A.to(c).abs().t(), "shrink")
+    f = torch.rand(R, generator=gen).to(DEVICE) + 0.5
+    got = klora.outer_reduce(gb, x, dropout=p, seed=3, scale=0.75, factor=f)         # dA-shaped: r x K
+    ref = 0.75 * f.to(c)[:, None] * (gb.to(c).t() @ xk)
+    check(got, ref, 0.75 * f.to(c)[:, None] * (gb.to(c).abs().t() @ xk.abs()), "outer_reduce(gb, x)")
+    f = torch.rand(K, generator=gen).to(DEVICE) + 0.5
+    got = klora.outer_reduce(x, gb, scale=1.5, factor=f)                              # dB-shaped: N x r
+    ref = 1.5 * f.to(c)[:, None] * (x.to(c).t() @ gb.to(c))
+    check(got, ref, 1.5 * f.to(c)[:, None] * (x.to(c).abs().t() @ gb.to(c).abs()), "outer_reduce(dy, xa)")
 
 
 def test_saved_tensors_are_small():

@@ -36,12 +36,60 @@ def _decisions(fn):
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_decode_once_matches_reference(monkeypatch, nf4, dora, p):
-    # 70 rows: above the rule's threshold, two row tiles; N = 40 and K = 128: ragged N tiles
-    monkeypatch.delenv("PEFT_OPS_STRATEGY", raising=False)
+    # 70 rows: two row tiles; N = 40 and K = 128: ragged N tiles
+    monkeypatch.setenv("PEFT_OPS_STRATEGY", "dequant_gemm")
     made = _decisions(lambda: run_case(lead=(2, 35), N=40, K=128, r=6, dtype=torch.bfloat16,
                                        adapter_dtype=torch.float32, nf4=nf4, dora=dora, bias=True, p=p))
+    assert made[("forward", "dequant_gemm", "pinned")] == 1, made
+    assert made[("dx", "dequant_gemm", "pinned")] == 1, made
+    # the rule decodes once for a dense weight (and an NF4 one the table lookup cannot take)
+    monkeypatch.delenv("PEFT_OPS_STRATEGY")
+    made = _decisions(lambda: run_case(lead=(70,), N=40, K=192, r=3, dtype=torch.bfloat16,
+                                       adapter_dtype=torch.float32, nf4=nf4, dora=dora, bias=False, p=p))
     assert made[("forward", "dequant_gemm", "rule")] == 1, made
     assert made[("dx", "dequant_gemm", "rule")] == 1, made
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_table_lookup_gemm_matches_reference(monkeypatch, dora, p, dtype):
+    # 70 rows (3-D): two row tiles, the second ragged; N = 40: ragged N tiles (a tile's rows past N
+    # re-read the last one) in the forward and ragged reduction steps in dx; blocksize 32 and 256:
+    # several scales a 128-wide tile row, and one scale for two tiles
+    monkeypatch.delenv("PEFT_OPS_STRATEGY", raising=False)
+    for blocksize in (32, 256):
+        made = _decisions(lambda: run_case(lead=(2, 35), N=40, K=256, r=6, dtype=dtype, adapter_dtype=torch.float32,
+                                           nf4=True, dora=dora, bias=True, p=p, blocksize=blocksize))
+        assert made[("forward", "fused_lut", "rule")] == 1, made
+        assert made[("dx", "fused_lut", "rule")] == 1, made
+
+
+def test_table_lookup_gemm_is_the_decode_once_gemm():
+    # the same decoded values (bitsandbytes', rounded once), in the same tensor-core GEMM with
+    # the same epilogue: only the K order of the fp32 sums may differ
+    gen = torch.Generator().manual_seed(11)
+    M, N, K, R = 67, 48, 384, 5
+    W = peft_ops.NF4Weight.quantize(torch.randn(N, K, generator=gen).to(DEVICE, torch.bfloat16), blocksize=64)
+    x = torch.randn(M, K, generator=gen).to(DEVICE, torch.bfloat16)
+    xa, B = torch.randn(M, R, generator=gen).to(DEVICE), torch.randn(N, R, generator=gen).to(DEVICE)
+    mn = torch.rand(N, generator=gen).to(DEVICE) + 0.5
+    xd = torch.where(torch.rand(M, K, generator=gen).to(DEVICE) > 0.3, x, torch.zeros((), dtype=x.dtype, device=DEVICE))
+    for kw in (dict(bias=torch.randn(N, generator=gen).to(DEVICE, x.dtype)), dict(mn=mn, save_z=True),
+               dict(mn=mn, xd=xd, inv_keep=1.5, save_z=True)):
+        once = kgemm.gemm_forward(x, W, xa, B, 0.7, **kw)
+        lut = kgemm.gemm_forward(x, W, xa, B, 0.7, backend="lut", **kw)
+        again = kgemm.gemm_forward(x, W, xa, B, 0.7, backend="lut", **kw)
+        for a, b, c in zip(*(t if isinstance(t, tuple) else (t,) for t in (once, lut, again))):
+            assert torch.equal(b, c), f"{list(kw)}: not repeatable"
+            torch.testing.assert_close(b.float(), a.float(), atol=4e-3 * a.abs().max().item(), rtol=0)
+    dy = torch.randn(M, N, generator=gen).to(DEVICE, x.dtype)
+    gb, A = torch.randn(M, R, generator=gen).to(DEVICE), torch.randn(R, K, generator=gen).to(DEVICE)
+    for kw in (dict(), dict(dropout=0.3, seed=5), dict(col_scale=mn), dict(second_scale=mn - 1, dropout=0.2, seed=9)):
+        once = kgemm.gemm_dx(dy, W, gb, A, 0.7, **kw)
+        lut = kgemm.gemm_dx(dy, W, gb, A, 0.7, lut=True, **kw)
+        assert torch.equal(lut, kgemm.gemm_dx(dy, W, gb, A, 0.7, lut=True, **kw)), f"dx {list(kw)}: not repeatable"
+        torch.testing.assert_close(lut.float(), once.float(), atol=4e-3 * once.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
@@ -144,3 +192,7 @@ def test_rule_threshold():
     assert strategy.rule("forward", strategy.RULE_MIN_M - 1, "") == "fused"
     assert strategy.rule("forward", strategy.RULE_MIN_M, "") == "dequant_gemm"
     assert strategy.rule("dx", 4096, "fp32 activations") == "fused"
+    for op in strategy.OPS:
+        for M in (1, strategy.RULE_MIN_M - 1, strategy.RULE_MIN_M, 4096):
+            assert strategy.rule(op, M, "", "") == "fused_lut"
+            assert strategy.rule(op, M, "fp32 activations", "fp32 activations") == "fused"
