@@ -10,7 +10,8 @@ synthetic token stream from the same base weights:
 Progress (step, loss, that step's tokens/s) is printed every step, or about 25 times a variant
 on longer runs (--log-every). Writes, under --out (default
 examples/out/<device-tag>-<date-time>/, git-ignored): `loss.csv` (variant, step, loss),
-`summary.csv` (variant, final loss, tokens/s, peak memory, the LoRA layer class), `loss.png`
+`summary.csv` (variant, final loss, tokens/s, peak memory, the hardware (on a CPU: its model,
+bf16 units and peft_ops' GEMM dtype), the LoRA layer class), `loss.png`
 (QLoRA and QDoRA panels, peft_ops beside PEFT + bitsandbytes). The summary's tokens/s counts the
 steps after the first --warmup (5; compilation and autotuning happen there); peak memory is
 CUDA's max allocated and is only reported on a GPU. The PEFT variant is what a 4-bit transformers
@@ -23,6 +24,7 @@ import copy
 import csv
 import datetime as dt
 import os
+import platform
 import re
 import sys
 import time
@@ -163,6 +165,24 @@ def plot(loss_rows, path):
     plt.close(fig)
 
 
+def cpu_description():
+    """The CPU model, its bf16 matrix units (AVX512-BF16, AMX) and the dtype of peft_ops' CPU-path
+    base GEMMs: CPU tokens/s depend on all three (bitsandbytes multiplies in bf16, fast only with
+    those units)."""
+    from peft_ops import ops
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    units = ops.cpu_bf16_units()
+    gemm = {torch.bfloat16: "bf16", torch.float32: "fp32"}[ops.cpu_gemm_dtype(torch.bfloat16)]
+    return (f"{model} x{os.cpu_count()}; {torch.backends.cpu.get_cpu_capability()}; "
+            f"bf16 units: {', '.join(units) or 'none'}; peft_ops CPU GEMMs: {gemm}")
+
+
 def default_out_dir(tag):
     """examples/out/<device-tag>-<date-time>/: git-ignored, so a run leaves nothing untracked."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", f"{tag}-{dt.datetime.now():%Y%m%d-%H%M%S}")
@@ -195,6 +215,8 @@ def main(argv=None):
     device = torch.device(a.device)
     tag = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}c"
     tag = re.sub(r"[^a-z0-9]+", "-", tag.lower()).strip("-")
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
+    print(f"device: {hardware}", flush=True)
     out = a.out or default_out_dir(tag)
     os.makedirs(out, exist_ok=True)
     base = tiny_llama(a.vocab, device)
@@ -215,7 +237,7 @@ def main(argv=None):
         summary.append(dict(variant=variant, steps=a.steps, first_loss=f"{losses[0]:.4f}",
                             final_loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}",
                             tokens_per_s=f"{tok_s:.0f}", peak_mem_mib=f"{peak:.1f}",
-                            trainable_params=n_train, device=tag, lora_layer=layer_class))
+                            trainable_params=n_train, device=tag, hardware=hardware, lora_layer=layer_class))
         lines.append(f"{variant:<16} loss {losses[0]:.3f} -> {summary[-1]['final_loss']} (mean of last 10)  "
                      f"{tok_s:,.0f} tokens/s after {warmup} warm-up steps  "
                      f"peak {'%.0f MiB' % peak if device.type == 'cuda' else 'n/a (CPU)'}  "
@@ -236,7 +258,7 @@ def main(argv=None):
     except ImportError:
         print("matplotlib not installed: loss.png skipped")
     # Once more, together: the per-step lines have pushed them apart (and out of a log's tail).
-    print("\n".join(["", *lines, f"wrote {out}"]))
+    print("\n".join(["", f"device: {hardware}", *lines, f"wrote {out}"]))
 
 
 if __name__ == "__main__":

@@ -2,15 +2,19 @@
 
 Execution rule (SPEC §1): CUDA tensors run the Triton kernels; CPU tensors run the twin here,
 unless TRITON_INTERPRET=1, in which case they run the Triton kernels in Triton's interpreter.
-The twins compute the same math in the same precision (fp32 products and accumulation, the weight
-rounded to the activation dtype first; fp32 GEMMs are also the fastest on CPUs without bf16
-units) and draw the same dropout masks, so the
-autograd Functions above them are backend-agnostic.
+The twins compute the same math (fp32 products and accumulation, the weight rounded to the
+activation dtype first; for bf16 activations on CPUs with bf16 units, and for one-row products,
+the base GEMMs take bf16 operands and round their fp32 sums once to bf16, see `cpu_gemm_dtype`)
+and draw the same dropout masks, so the autograd Functions above them are backend-agnostic.
 """
 
-import torch
-import torch.nn.functional as F
+import functools
+import math
+import os
 
+import torch
+
+from . import nf4 as _nf4
 from . import strategy
 from .kernels import _config
 from .kernels import decode as _decode
@@ -32,37 +36,112 @@ def use_triton(t: torch.Tensor) -> bool:
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_UNIFORM_SCALE = 4.6566127342e-10   # tl.rand's uniform: (x < 0 ? ~x : x) * this, in fp32, for int32 x
+
+# Counters per pass. Ten rounds of about ten int64 passes each run over one chunk, which stays in
+# cache; at 2¹⁵ elements (torch's grain size) each pass runs on the calling thread. Larger passes
+# are parallel regions, and on a busy 2-core machine each region can wait a scheduler time slice
+# for its second thread: a 1024 x 704 mask took 4 s in passes of 2¹⁶ and 0.05 s in passes of 2¹⁵.
+_CHUNK = 1 << 15
 
 
-_CHUNK = 1 << 15   # elements per pass: the ten rounds' temporaries stay in cache
+def _mul(word, factor):
+    """word * factor; a tensor word is a temporary of the rounds, multiplied in place."""
+    return word.mul_(factor) if isinstance(word, torch.Tensor) else word * factor
 
 
-def _philox_rounds(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """First 32-bit output of Philox4x32-10 (Triton's `randint`) for int64 `offsets`, as int32.
+def _hi_xor(prod, carried, key):
+    """The Philox output word ((prod >> 32) ^ carried ^ key) & 0xFFFFFFFF.
 
-    uint32 words are held in int64. An int64 product of two such words wraps modulo 2⁶⁴, which
-    leaves exactly the 64 bits of the unsigned product: the high word is bits 32..63."""
-    c0, c1 = offsets & _MASK32, (offsets >> 32) & _MASK32
-    c2, c3 = torch.zeros_like(offsets), torch.zeros_like(offsets)
+    Each word is a Python int while it is the same for every counter, else an int64 tensor. Only
+    the low 32 bits of `carried` count: it is the raw product of the round before (its low word),
+    and the final mask clears what lies above."""
+    hi = prod >> 32
+    if isinstance(hi, torch.Tensor):
+        if isinstance(carried, torch.Tensor):
+            word = hi.bitwise_xor_(carried).bitwise_xor_(key)
+        else:
+            word = hi.bitwise_xor_(carried ^ key)
+    elif isinstance(carried, torch.Tensor):
+        word = carried ^ (hi ^ key)
+    else:
+        return (hi ^ carried ^ key) & _MASK32
+    return word.bitwise_and_(_MASK32)
+
+
+def _philox_rounds(seed: int, c0: torch.Tensor, c1=0) -> torch.Tensor:
+    """First 32-bit output of Philox4x32-10 (Triton's `randint`) for counters (c0, c1, 0, 0) and
+    key `seed`, as exact uint32 values in an int64 tensor.
+
+    c0: uint32 words in an int64 tensor (overwritten); c1: the same, or an int when every counter
+    shares it (0 for offsets below 2³²). uint32 words are held in int64: an int64 product of two
+    such words wraps modulo 2⁶⁴, which leaves exactly the 64 bits of the unsigned product (the
+    high word is bits 32..63). Words that are the same for every counter stay Python ints, so
+    the first two rounds, whose inputs are mostly the zero words, cost a few passes instead of ten."""
+    c2 = c3 = 0
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(10):
-        prod_b = c2.mul_(_ROUND_B)        # c2 is not needed past this product
-        prod_a = c0 * _ROUND_A
-        c0 = (prod_b >> 32).bitwise_and_(_MASK32).bitwise_xor_(c1).bitwise_xor_(k0)
-        c2 = (prod_a >> 32).bitwise_and_(_MASK32).bitwise_xor_(c3).bitwise_xor_(k1)
-        c1, c3 = prod_b.bitwise_and_(_MASK32), prod_a.bitwise_and_(_MASK32)
+    for i in range(10):
+        prod_b = _mul(c2, _ROUND_B)
+        if i == 9:
+            return _hi_xor(prod_b, c1, k0)          # the output word c0 needs nothing more
+        prod_a = _mul(c0, _ROUND_A)
+        c0, c2 = _hi_xor(prod_b, c1, k0), _hi_xor(prod_a, c3, k1)
+        c1, c3 = prod_b, prod_a
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    return c0.to(torch.int32)   # the low 32 bits, reinterpreted as signed
+
+
+def _philox_words(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """int32 `randint(seed, offsets)` for int64 `offsets` (any shape, flattened)."""
+    flat = offsets.reshape(-1).to(torch.int64)
+    out = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start:start + _CHUNK]
+        c1 = (chunk >> 32).bitwise_and_(_MASK32)
+        out[start:start + _CHUNK] = _philox_rounds(seed, chunk & _MASK32, c1 if c1.any() else 0)
+    return out   # the copy into int32 keeps the low 32 bits, reinterpreted as signed
 
 
 def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """fp32 U[0, 1) equal bit for bit to `tl.rand(seed, offsets)` for int64 `offsets`."""
-    flat = offsets.reshape(-1)
-    x = torch.cat([_philox_rounds(seed, flat[i:i + _CHUNK]) for i in range(0, flat.numel(), _CHUNK)]
-                  or [flat.new_empty(0, dtype=torch.int32)])
+    x = _philox_words(seed, offsets)
     x = torch.where(x < 0, ~x, x)
-    u = x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=x.device)
+    u = x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
     return u.reshape(offsets.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _keep_threshold(p: float) -> int:
+    """The least y in [0, 2³¹] with fp32(y) · 4.6566127342e-10 >= p in fp32 (2³¹: none).
+
+    `tl.rand(seed, i) >= p` is monotone in y = (x < 0 ? ~x : x) for its int32 word x, so it
+    holds exactly when y >= this threshold; for the same word as uint32 u that reads
+    threshold <= u <= 2³² - 1 - threshold (negative x are the u above 2³¹, with ~x = 2³² - 1 - u)."""
+    scale, p32 = torch.tensor(_UNIFORM_SCALE, dtype=torch.float32), torch.tensor(p, dtype=torch.float32)
+    lo, hi = 0, 2 ** 31
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if torch.tensor(mid, dtype=torch.int32).to(torch.float32) * scale >= p32:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def dropout_keep(seed: int, shape, p: float, device=None) -> torch.Tensor:
+    """bool keep mask of a LoRA input of `shape` (flattened to [M, K] row-major) for the twins:
+    element i is kept when `tl.rand(seed, i) >= p`, as the fused kernels decide, so the twins draw
+    the kernels' masks. Regenerated by every op that needs it, never stored."""
+    numel = math.prod(shape)
+    low = _keep_threshold(float(p))
+    high = _MASK32 - low
+    keep = torch.empty(numel, dtype=torch.bool, device=device)
+    for start in range(0, numel, _CHUNK):
+        stop = min(numel, start + _CHUNK)
+        index = torch.arange(start, stop, dtype=torch.int64, device=device)
+        u = _philox_rounds(seed, index, 0) if stop <= 2 ** 32 else _philox_rounds(seed, index & _MASK32, index >> 32)
+        torch.ge(u, low, out=keep[start:stop])
+        keep[start:stop] &= u <= high
+    return keep.view(shape)
 
 
 def dropout_scale(seed: int, shape, p: float, device) -> torch.Tensor:
@@ -72,36 +151,127 @@ def dropout_scale(seed: int, shape, p: float, device) -> torch.Tensor:
     device = torch.device(device)
     if device.type == "cuda" or _config.interpreting():
         return _dropout.dropout_scale_tensor(seed, tuple(shape), p, device)
-    numel = 1
-    for s in shape:
-        numel *= s
-    u = philox_uniform(seed, torch.arange(numel, dtype=torch.int64, device=device)).reshape(shape)
-    keep = u >= torch.tensor(p, dtype=torch.float32)
+    keep = dropout_keep(seed, tuple(shape), p, device)
     return keep.to(torch.float32) * torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU path: the base GEMMs' precision, and the base weight a row chunk at a time
+# ---------------------------------------------------------------------------------------------
+
+CPU_PRECISIONS = ("auto", "fp32", "bf16")
+_BF16_UNITS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_units() -> tuple:
+    """This CPU's bf16 matrix units, as /proc/cpuinfo names them ('avx512_bf16', 'amx_bf16'): what
+    torch's oneDNN bf16 GEMMs run on. Empty without (AVX2-only x86, AVX-512 before Cooper Lake,
+    ...), where torch emulates bf16 GEMMs several times slower than fp32 ones."""
+    found = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    found.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    # Without /proc/cpuinfo (macOS, Windows), torch's own cpuinfo probes (private, so looked up;
+    # every CPU with AMX tiles so far has AMX-BF16).
+    for unit, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported")):
+        check = getattr(torch.cpu, probe, None)
+        try:
+            if check is not None and check():
+                found.add(unit)
+        except RuntimeError:
+            pass
+    return tuple(u for u in _BF16_UNITS if u in found)
+
+
+def cpu_gemm_dtype(dtype: torch.dtype, rows: int = 0) -> torch.dtype:
+    """Operand dtype of the CPU twins' base GEMMs (x Wᵀ, dy W) for activations of `dtype` with
+    `rows` rows (M).
+
+    `PEFT_OPS_CPU_PRECISION` picks: `fp32` multiplies the weight, rounded to the activation dtype,
+    in fp32 (exact products, fp32 sums: the Triton kernels' arithmetic); `bf16` runs bf16 GEMMs
+    for bf16 activations (exact products, fp32 accumulation, the product rounded once to bf16
+    before the LoRA / DoRA epilogue, which stays fp32: how PEFT + bitsandbytes compute on a CPU);
+    `auto` (the default) is `bf16` on CPUs with bf16 units (`cpu_bf16_units()`), where those run
+    several times faster than fp32, and for matrix-vector products (one row) on any CPU, where
+    torch's bf16 kernel sums in fp32 too (so the result is the fp32 one, rounded) and reads half
+    the bytes; `fp32` elsewhere. fp16 and fp32 activations always run fp32 GEMMs."""
+    choice = os.environ.get("PEFT_OPS_CPU_PRECISION", "auto").strip().lower() or "auto"
+    if choice not in CPU_PRECISIONS:
+        raise ValueError(f"PEFT_OPS_CPU_PRECISION: expected one of {CPU_PRECISIONS}, got {choice!r}")
+    if dtype != torch.bfloat16 or choice == "fp32":
+        return torch.float32
+    return torch.bfloat16 if choice == "bf16" or rows == 1 or cpu_bf16_units() else torch.float32
+
+
+def _chunk_rows(weight, m: int) -> int:
+    """Weight rows a twin takes at a time for an operand of `m` rows: a chunk of about
+    `DECODE_CHUNK` elements stays in cache, and at least `m` rows, so that the GEMMs read the
+    activations (m x K) no more often than they read the weight."""
+    return max(1, _nf4.DECODE_CHUNK // weight.shape[1], m)
+
+
+def _weight_rows(weight, dtype, gemm_dtype, step):
+    """(row0, row1, W[row0:row1]) over the base weight, `step` rows at a time: W rounded to `dtype`
+    (as the kernels and bitsandbytes round it), in `gemm_dtype`. An NF4 weight is decoded a chunk
+    at a time, so no dense copy of the whole weight is made when it takes several."""
+    N = weight.shape[0]
+    absmax = None if isinstance(weight, torch.Tensor) else _nf4._decode_absmax(weight)
+    for row0 in range(0, N, step):
+        row1 = min(N, row0 + step)
+        if absmax is not None:
+            rows = _nf4.decode_rows(weight, row0, row1, absmax)
+        else:
+            rows = weight if row1 - row0 == N else weight[row0:row1]
+        # (the dtype tests spare a decode-sized call the cost of a no-op `.to`)
+        if rows.dtype != dtype:
+            rows = rows.to(dtype)
+        yield row0, row1, rows if rows.dtype == gemm_dtype else rows.to(gemm_dtype)
+
+
+def _weight_products(operands, weight, dtype, gemm_dtype, step):
+    """[v Wᵀ for v in operands] ([M, N] each, in `gemm_dtype`), W decoded once for all of them."""
+    M, N = operands[0].shape[0], weight.shape[0]
+    if step >= N:
+        w = next(_weight_rows(weight, dtype, gemm_dtype, N))[2]
+        return [v @ w.t() for v in operands]
+    out = [operands[0].new_empty((M, N), dtype=gemm_dtype) for _ in operands]
+    for row0, row1, w in _weight_rows(weight, dtype, gemm_dtype, step):
+        for v, o in zip(operands, out):
+            torch.mm(v, w.t(), out=o[:, row0:row1])
+    return out
+
+
+def _weight_transposed_products(operands, weight, dtype, gemm_dtype, step):
+    """[v W for v in operands] ([M, K] each), W decoded once for all of them: fp32 sums over the
+    weight's row chunks, or (a 16-bit GEMM, whose result is rounded) the whole weight at once."""
+    if gemm_dtype != torch.float32:
+        step = weight.shape[0]
+    out = [None] * len(operands)
+    for row0, row1, w in _weight_rows(weight, dtype, gemm_dtype, step):
+        for i, v in enumerate(operands):
+            part = v[:, row0:row1]
+            out[i] = part @ w if out[i] is None else out[i].addmm_(part, w)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # The ops
 # ---------------------------------------------------------------------------------------------
 
-def dense_weight(weight, dtype):
-    """Dense `dtype` [N, K] copy of a dense tensor or an NF4Weight (twins only: the kernels
-    never make one)."""
-    if isinstance(weight, torch.Tensor):
-        return weight.to(dtype)
-    return weight.dequantize(dtype)
-
-
 def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False):
     """xa = drop(x) aᵀ as fp32 [M, r]; with `write_xd` also keep ⊙ x (exact, x's dtype)."""
     if use_triton(x):
         return _lora.lora_shrink(x, a, dropout=dropout, seed=seed, write_xd=write_xd)
-    xf = x.float()
-    if dropout:
-        d = dropout_scale(seed, x.shape, dropout, x.device)
-        xk = torch.where(d > 0, x, torch.zeros((), dtype=x.dtype))
-        xf = xf * d
-    xa = xf @ a.float().t()
+    if not dropout:
+        return x.float() @ a.float().t()
+    xk = torch.where(dropout_keep(seed, tuple(x.shape), dropout, x.device), x, 0)   # keep ⊙ x, exact
+    xa = (xk.float() @ a.float().t()).mul_(1.0 / (1.0 - dropout))
     return (xa, xk) if write_xd else xa
 
 
@@ -128,20 +298,23 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
             why_not_lut = "DoRA's dropout form" if xd is not None else _decode.eligible(x, weight)
         flags = dict(dora=mn is not None, second=xd is not None, bias=bias is not None, z=save_z)
         return candidates[strategy.choose("forward", x, weight, flags, candidates, why_not_lut)]()
-    w = dense_weight(weight, x.dtype).float()
-    acc = F.linear(x.float(), w)
-    lora = (xa @ lora_B.float().t()) * scaling
+    gemm = cpu_gemm_dtype(x.dtype, x.shape[0])
+    operands = [x if x.dtype == gemm else x.to(gemm)] + ([] if xd is None else [xd.to(gemm)])
+    acc, *acc_d = (a.float() for a in _weight_products(operands, weight, x.dtype, gemm,
+                                                       _chunk_rows(weight, x.shape[0])))
+    b = lora_B.float().t()
     if mn is None:
-        y = acc + lora
+        y = acc.addmm_(xa, b, alpha=scaling)                    # x Wᵀ + s·xa Bᵀ
     elif xd is None:
-        z = acc + lora
-        y = mn * z
+        z = acc.addmm_(xa, b, alpha=scaling)
+        y = z * mn
     else:
-        acc_d = F.linear(xd.float(), w) * inv_keep
-        z = acc_d + lora
-        y = acc + (mn - 1.0) * acc_d + mn * lora
+        lora = (xa @ b).mul_(scaling)
+        acc_d = acc_d[0].mul_(inv_keep)                         # drop(x) Wᵀ
+        z = acc_d + lora if save_z else None
+        y = acc.addcmul_(acc_d, mn - 1.0).addcmul_(lora, mn)
     if bias is not None:
-        y = y + bias.float()
+        y = y.add_(bias)
     y = y.to(x.dtype)
     return (y, z.to(x.dtype)) if save_z else y
 
@@ -167,35 +340,41 @@ def fused_linear_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_s
                      dropout=dropout > 0)
         why_not_lut = _gemm.lut_eligible(weight) or strategy.why_not_decode_once("dx", dy, weight)
         return candidates[strategy.choose("dx", dy, weight, flags, candidates, why_not_lut)]()
-    w = dense_weight(weight, out_dtype).float()
-    g = dy.float() if col_scale is None else dy.float() * col_scale
-    acc = g @ w
-    inner = (gb @ lora_A.float()) * scaling
+    gemm = cpu_gemm_dtype(out_dtype, dy.shape[0]) if dy.dtype == out_dtype else torch.float32
+    operands = [dy.to(gemm) if col_scale is None else (dy.float() * col_scale).to(gemm)]
     if second_scale is not None:
-        inner = inner + (dy.float() * second_scale) @ w
-    if dropout:
-        M, K = dy.shape[0], lora_A.shape[1]
-        inner = inner * dropout_scale(seed, (M, K), dropout, dy.device)
-    return (acc + inner).to(out_dtype)
+        operands.append((dy.float() * second_scale).to(gemm))
+    acc, *second = (a.float() for a in _weight_transposed_products(operands, weight, out_dtype, gemm,
+                                                                   _chunk_rows(weight, dy.shape[0])))
+    a = lora_A.float()
+    if not dropout:
+        return acc.add_(second[0]).addmm_(gb, a, alpha=scaling).to(out_dtype) if second else \
+            acc.addmm_(gb, a, alpha=scaling).to(out_dtype)
+    inner = second[0].addmm_(gb, a, alpha=scaling) if second else (gb @ a).mul_(scaling)
+    keep = dropout_keep(seed, (dy.shape[0], lora_A.shape[1]), dropout, dy.device)
+    return acc.addcmul_(inner, keep, value=1.0 / (1.0 - dropout)).to(out_dtype)   # + D ⊙ inner
 
 
 def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0):
     """Σ_m lhs[m]ᵀ (rhs[m] ⊙ D[m]) in fp32 (D: the dropout scale of rhs, when dropout > 0)."""
     if use_triton(lhs):
         return _lora.outer_reduce(lhs, rhs, dropout=dropout, seed=seed)
-    r = rhs.float()
-    if dropout:
-        r = r * dropout_scale(seed, rhs.shape, dropout, rhs.device)
-    return lhs.float().t() @ r
+    if not dropout:
+        return lhs.float().t() @ rhs.float()
+    kept = torch.where(dropout_keep(seed, tuple(rhs.shape), dropout, rhs.device), rhs, 0)
+    return (lhs.float().t() @ kept.float()).mul_(1.0 / (1.0 - dropout))
 
 
 def row_norm(weight, lora_A, lora_B, scaling):
     """fp32 [N] ‖W + s·B A‖₂ per row (detached), streamed over the weight on the Triton path."""
     if use_triton(lora_A):
         return _dora.row_norm(weight, lora_A, lora_B, scaling)
-    dtype = weight.dtype
-    w = dense_weight(weight, dtype).float()
-    return torch.linalg.vector_norm(w + scaling * (lora_B.float() @ lora_A.float()), dim=1)
+    # PEFT's norm reads W in its original dtype; fp32 sums, a chunk of rows at a time
+    b, a = lora_B.float(), lora_A.float()
+    norm = torch.empty(weight.shape[0], dtype=torch.float32, device=a.device)
+    for row0, row1, w in _weight_rows(weight, weight.dtype, torch.float32, _chunk_rows(weight, 1)):
+        torch.linalg.vector_norm(torch.addmm(w, b[row0:row1], a, alpha=scaling), dim=1, out=norm[row0:row1])
+    return norm
 
 
 def column_dot(a, b):

@@ -34,10 +34,13 @@ DEVICE = torch.device(os.environ.get("PEFT_OPS_TEST_DEVICE", "cpu"))
 def backend(request, monkeypatch):
     """Run the test on the Triton kernels (interpreter) as the strategy rule picks them; on them
     with the decode-once GEMMs, or the table-lookup decode, pinned wherever a call can take them
-    (small shapes would otherwise reach them rarely); or on the PyTorch twins."""
+    (small shapes would otherwise reach them rarely); or on the PyTorch twins, with fp32 GEMMs on
+    every CPU (the arithmetic these tolerances are derived for; tests/test_cpu_path.py checks the
+    bf16 GEMMs that CPUs with bf16 units, and one-row products, get by default)."""
     monkeypatch.delenv("PEFT_OPS_STRATEGY", raising=False)
     if request.param == "twin":
         monkeypatch.setattr(ops, "use_triton", lambda t: False)
+        monkeypatch.setenv("PEFT_OPS_CPU_PRECISION", "fp32")
     else:
         assert _config.interpreting() or DEVICE.type == "cuda", "tests/conftest.py sets TRITON_INTERPRET=1"
         if request.param == "triton-decode-once":
