@@ -10,9 +10,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-OPS = ("nf4_dequantize", "lora", "qlora", "dora", "qdora")
-MODES = ("forward", "forward+backward", "decode")
+OPS = ("nf4_dequantize", "lora", "qlora", "dora", "qdora", "qlora_mixed", "qdora_mixed")
+# "prefill": a forward without grad at any M (serving a prompt); "decode": the same at M <= 16
+MODES = ("forward", "forward+backward", "decode", "prefill")
 DECODE_MAX_M = 16
+# Mixed-adapter batches (the `*_mixed` ops): rows take the case's `adapters` adapters in turn
+# (row m uses adapter m mod E), each of rank r, scaling 2, DoRA magnitudes for qdora_mixed.
+MIXED_OPS = ("qlora_mixed", "qdora_mixed")
+SERVING_ADAPTERS = 8
 
 # Llama-3-8B projections as (K, N) = (in_features, out_features): q/o, k/v, gate/up, down.
 LLAMA3_8B = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
@@ -31,14 +36,19 @@ class Case:
     dtype: torch.dtype = torch.bfloat16          # activations (and the dense base weight)
     adapter_dtype: torch.dtype = torch.float32   # PEFT keeps adapters in fp32 by default
     dropout: float = 0.0
+    adapters: int = 1                            # distinct adapters in the batch (the *_mixed ops)
 
     @property
     def quantized(self) -> bool:
-        return self.op in ("qlora", "qdora", "nf4_dequantize")
+        return self.op in ("qlora", "qdora", "nf4_dequantize", "qlora_mixed", "qdora_mixed")
 
     @property
     def dora(self) -> bool:
-        return self.op in ("dora", "qdora")
+        return self.op in ("dora", "qdora", "qdora_mixed")
+
+    @property
+    def mixed(self) -> bool:
+        return self.op in MIXED_OPS
 
     @property
     def trains(self) -> bool:
@@ -51,7 +61,8 @@ class Case:
         if self.op == "nf4_dequantize":
             return f"{self.op} N={self.N} K={self.K}"
         p = f" p={self.dropout:g}" if self.dropout else ""
-        return f"{self.op} {self.mode} M={self.M} N={self.N} K={self.K} r={self.r}{p}"
+        e = f" adapters={self.adapters}" if self.mixed else ""
+        return f"{self.op} {self.mode} M={self.M} N={self.N} K={self.K} r={self.r}{p}{e}"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -72,8 +83,8 @@ def flops(case: Case) -> float:
     if case.op == "nf4_dequantize":
         return 2.0 * N * K  # one table lookup and one multiply per element
     fwd = 2.0 * M * N * K + 2.0 * M * r * (K + N)
-    if case.dora:
-        fwd += 2.0 * N * K * r + 3.0 * N * K  # row norm of W + s·B A
+    if case.dora and case.trains:
+        fwd += 2.0 * N * K * r + 3.0 * N * K  # row norm of W + s·B A (kept between no-grad calls)
     if case.mode != "forward+backward":
         return fwd
     # dx = g W + s (g B) A;  dA = s (g B)ᵀ x;  dB = s gᵀ (x Aᵀ)  (+ dm = Σ dy ⊙ z / n for DoRA)
@@ -89,7 +100,7 @@ def nbytes(case: Case) -> float:
     act, ad = case.dtype.itemsize, case.adapter_dtype.itemsize
     if case.op == "nf4_dequantize":
         return weight_bytes(case) + N * K * act
-    adapters = r * (K + N) * ad + (N * ad if case.dora else 0)
+    adapters = (r * (K + N) * ad + (N * ad if case.dora else 0)) * max(1, min(case.adapters, M))
     fwd = M * K * act + weight_bytes(case) + adapters + M * N * act
     if case.mode != "forward+backward":
         return fwd
@@ -115,12 +126,34 @@ def _with_dropout(op, K, N, M, r, modes, p=0.05):
     return [Case(op, "forward+backward", M, N, K, r, dropout=p)] if "forward+backward" in modes else []
 
 
+def serving_cases(op, shapes, decode_Ms, prefill_Ms, modes):
+    """Serving without grad: QLoRA / QDoRA decode and prefill (QDoRA's target: within 1.05x of
+    QLoRA), and mixed-adapter decode batches over `SERVING_ADAPTERS` adapters (target: within
+    1.25x of a single-adapter batch of the same size; baseline PEFT's `adapter_names` loop)."""
+    out = []
+    for K, N in shapes:
+        if op in MIXED_OPS:
+            if "decode" in modes:
+                out += [Case(op, "decode", M, N, K, 16, adapters=SERVING_ADAPTERS) for M in decode_Ms]
+        elif "prefill" in modes:
+            out += [Case(op, "prefill", M, N, K, 16) for M in prefill_Ms]
+    return out
+
+
 def shape_set(name: str, ops, modes):
     """Cases for a named shape set, most important first (QLoRA training before the rest), so a run
     cut short by its time budget still has the headline numbers."""
-    ops = [o for o in ("qlora", "qdora", "lora", "dora", "nf4_dequantize") if o in ops]
+    ops = [o for o in ("qlora", "qdora", "lora", "dora", "nf4_dequantize", "qlora_mixed", "qdora_mixed") if o in ops]
     cases = []
     for op in ops:
+        if op in MIXED_OPS or "prefill" in modes:
+            serving = {"gpu": (LLAMA3_8B, (16,), (512,)), "gpu-quick": (LLAMA3_8B[:1], (16,), (512,)),
+                       "cpu": (((1024, 1024), (4096, 1024)), (16,), (512,)),
+                       "cpu-quick": (((1024, 1024),), (16,), (512,)), "tiny": (((128, 64),), (8,), (16,))}.get(name)
+            if serving is not None and (op in MIXED_OPS or op in ("qlora", "qdora")):
+                cases += serving_cases(op, *serving, modes)
+            if op in MIXED_OPS:
+                continue
         if op == "nf4_dequantize":
             kn = {"gpu": LLAMA3_8B, "gpu-quick": LLAMA3_8B[:1], "cpu": ((1024, 1024), (4096, 1024)),
                   "cpu-quick": ((1024, 1024),), "tiny": ((128, 64),)}[name]
@@ -187,7 +220,8 @@ def explicit_cases(shapes, ops, modes):
             for mode in modes:
                 if mode == "decode" and s["M"] > DECODE_MAX_M:
                     continue
-                cases.append(Case(op, mode, s["M"], s["N"], s["K"], s["r"]))
+                cases.append(Case(op, mode, s["M"], s["N"], s["K"], s["r"],
+                                  adapters=SERVING_ADAPTERS if op in MIXED_OPS else 1))
     return list(dict.fromkeys(cases))
 
 

@@ -255,6 +255,38 @@ def workload(quick=False):
             jobs.append((f"nf4 dequantize to {str(dtype)[6:]}", lambda w=w, dtype=dtype: knf4.nf4_dequantize(w, dtype)))
     jobs.append(("nf4 quantize bf16", lambda: knf4.nf4_quantize(dense, 64)))
     jobs.append(("dropout mask", lambda: kdropout.dropout_scale_tensor(7, (48, K), 0.1, "cpu")))
+
+    # mixed-adapter batches (kernels/multi_lora.py): three adapters of ranks 16 / 8 / 64 (DoRA on
+    # the first and last when `dora`), rows on each and on the base layer; decode (no grad, M = 1
+    # and 16: one tile, split K) and training (sorted rows, the per-adapter reductions)
+    def multi(label, weight, dtype, M, dora, p, train):
+        k, n = weight.shape[1], weight.shape[0]
+
+        def thunk():
+            x = torch.randn(M, k, generator=gen).to(dtype).requires_grad_(train)
+            ranks = (16, 8, 64)
+            As = [torch.randn(r, k, generator=gen).requires_grad_(train) for r in ranks]
+            Bs = [torch.randn(n, r, generator=gen).requires_grad_(train) for r in ranks]
+            mags = [torch.rand(n, generator=gen).requires_grad_(train) if dora and e != 1 else None
+                    for e in range(len(ranks))]
+            idx = torch.randint(-1, len(ranks), (M,), generator=gen)
+            with torch.set_grad_enabled(train):
+                y = peft_ops.lora_linear_multi(x, weight, As, Bs, [2.0, 1.0, 0.5], idx, magnitude=mags, dropout=p,
+                                               training=train)
+                if train:
+                    y.backward(torch.randn(y.shape, generator=gen).to(y.dtype))
+        jobs.append((label, thunk))
+
+    mixed_dtypes = [torch.bfloat16, torch.float32] if not quick else [torch.bfloat16]
+    for dtype in mixed_dtypes:
+        built = {name: make(dtype) for name, make in weights.items()}
+        for name, weight in built.items():
+            for dora in (False, True):
+                op = "mixed " + ("q" if name == "nf4" else "") + ("dora" if dora else "lora")
+                for M in ((1, 16, 512) if dtype == torch.bfloat16 else (16, 48)):
+                    train = M > 16
+                    for p in ((0.0, 0.05) if train and dtype == torch.bfloat16 else (0.0,)):
+                        multi(f"{op} {str(dtype)[6:]} M={M} p={p}", weight, dtype, M, dora, p, train)
     return jobs
 
 

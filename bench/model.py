@@ -186,6 +186,33 @@ def _decode_loops(a):
     return [k] + ([_rank_loop(a)] if a["SPLIT_K"] == 1 else [])
 
 
+# mixed-adapter batches (kernels/multi_lora.py): a tile of rows loops over the adapters its rows
+# name: every one present (up to one a row) when the rows are not sorted (decode sizes), about
+# E·BLOCK_M/M + 1 when they are (rows grouped by adapter); each adapter's rank loop at the largest r
+def _tile_adapters(a):
+    E, M, bm = a["E"], a["M"], a["BLOCK_M"]
+    if not a.get("PERMUTED"):
+        return max(1, min(E, bm, M))
+    return max(1, min(E, _cdiv(E * bm, M) + 1))
+
+
+def _multi_shrink_loops(a):
+    # a program an adapter (ADAPTER_GRID): its one-trip adapter loop compiles away
+    adapters = [] if a.get("ADAPTER_GRID") else [LoopSpec("adapter", _tile_adapters(a))]
+    return [LoopSpec("k", _cdiv(a["k_per_split"], a["BLOCK_K"]), adapters, hot=True)]
+
+
+def _multi_expand_loops(a, rank_operand):
+    rank = LoopSpec("rank", _cdiv(a[rank_operand].shape[1], a["BLOCK_R"]))
+    return [rank] if a.get("ADAPTER_GRID") else [LoopSpec("adapter", _tile_adapters(a), [rank])]
+
+
+def _segment_loops(a, rows_operand):
+    # each adapter's run of rows taken as M / E (the runs' real lengths are data)
+    M, E = a[rows_operand].shape[0], a["bounds_ptr"].shape[0] - 1
+    return [LoopSpec("m", _cdiv(_cdiv(_cdiv(M, E), a["splits"]), a["BLOCK_M"]), hot=True)]
+
+
 LOOPS = {
     "_decode_linear_kernel": _decode_loops,
     "_gemm_forward_kernel": _gemm_forward_loops,
@@ -207,6 +234,11 @@ LOOPS = {
     "_nf4_dequantize_tail_kernel": lambda a: [],
     "_nf4_quantize_kernel": lambda a: [],
     "_dropout_scale_kernel": lambda a: [],
+    "_multi_shrink_kernel": _multi_shrink_loops,
+    "_multi_expand_kernel": lambda a: _multi_expand_loops(a, "xa_ptr"),
+    "_multi_dx_expand_kernel": lambda a: _multi_expand_loops(a, "gb_ptr"),
+    "_segment_outer_reduce_kernel": lambda a: _segment_loops(a, "l_ptr"),
+    "_segment_column_dot_kernel": lambda a: _segment_loops(a, "a_ptr"),
 }
 
 

@@ -87,7 +87,7 @@ class Layer:
 
     def closure(self, case: Case, inputs: "Inputs"):
         fwd, x = self.forward, inputs.x
-        if case.mode == "decode" or case.op == "nf4_dequantize":
+        if case.mode in ("decode", "prefill") or case.op == "nf4_dequantize":
             def run():
                 with torch.no_grad():
                     return fwd(x)
@@ -168,15 +168,56 @@ class Inputs:
 
 
 def _trainable(case, inputs):
+    if case.mixed:
+        mixed = mixed_adapters(case, inputs)
+        return mixed.As + mixed.Bs + [m for m in mixed.ms if m is not None]
     return [inputs.A, inputs.B] + ([inputs.m] if case.dora else [])
+
+
+@dataclass
+class Mixed:
+    """The adapters of a mixed-adapter case: E = case.adapters of rank r, derived from the case's
+    own A, B (and m) by fixed factors (the same tensors on every provider, on any device, meta
+    included); row m uses adapter m mod E."""
+    As: list
+    Bs: list
+    ms: list
+    index: torch.Tensor          # int32 [M] on the device
+    names: list                  # PEFT's adapter_names, one a row
+
+
+def mixed_adapters(case: Case, inputs: Inputs) -> Mixed:
+    if "_mixed" not in inputs.__dict__:   # one set a case (inputs.cache is shared by every case of a weight)
+        E, M = case.adapters, max(case.M, 1)
+        with torch.no_grad():
+            As = [(inputs.A * (1.0 + 0.1 * e)).requires_grad_(case.trains) for e in range(E)]
+            Bs = [(inputs.B * (1.0 - 0.05 * e)).requires_grad_(case.trains) for e in range(E)]
+            ms = [(inputs.m * (1.0 + 0.01 * e)).requires_grad_(case.trains) if case.dora else None for e in range(E)]
+        index = (torch.arange(M, dtype=torch.int32) % E).to(inputs.x.device)
+        inputs.__dict__["_mixed"] = Mixed(As, Bs, ms, index, [f"adapter{m % E}" for m in range(M)])
+    return inputs.__dict__["_mixed"]
+
+
+def _warm(fn, x):
+    """One call without grad at build time fills a layer's no-grad caches (DoRA's row norm, the
+    adapter table), as a server's first request does; on meta tensors (the static model) its
+    Triton launches are recorded, not run."""
+    with torch.no_grad():
+        if x.device.type == "meta":
+            from . import lowering
+            with lowering.recording():
+                fn(x)
+        else:
+            fn(x)
 
 
 # -- providers --------------------------------------------------------------------------------
 
 @provider("peft_ops", requires=("peft_ops",),
-          description="peft_ops fused lora_linear (Triton on CUDA; its plain-PyTorch twin on CPU)")
+          description="peft_ops fused lora_linear (Triton on CUDA; its plain-PyTorch twin on CPU); "
+                      "lora_linear_multi for the mixed-adapter ops")
 def _peft_ops(case: Case, inputs: Inputs) -> Layer:
-    from peft_ops.functional import lora_linear
+    from peft_ops.functional import DoraNormCache, lora_linear
 
     backend = "triton" if inputs.x.is_cuda else "cpu-path"
     if case.op == "nf4_dequantize":
@@ -185,10 +226,61 @@ def _peft_ops(case: Case, inputs: Inputs) -> Layer:
     weight = inputs.nf4 if case.quantized else inputs.w
     A, B, m, p = inputs.A, inputs.B, inputs.m, case.dropout
     training = case.trains
+    if case.mixed:
+        from peft_ops.multi import MultiAdapterCache, lora_linear_multi
+
+        mixed, cache = mixed_adapters(case, inputs), MultiAdapterCache()
+
+        def forward(x):
+            return lora_linear_multi(x, weight, mixed.As, mixed.Bs, SCALING, mixed.index,
+                                     magnitude=mixed.ms if case.dora else None, dropout=p, training=training,
+                                     seed=0, cache=cache)
+    else:
+        norm_cache = DoraNormCache() if case.dora else None   # read without grad only
+
+        def forward(x):
+            return lora_linear(x, weight, A, B, SCALING, magnitude=m, dropout=p, training=training, seed=0,
+                               norm_cache=norm_cache)
+    if not training:
+        _warm(forward, inputs.x)
+    return Layer(forward, _trainable(case, inputs), [weight], note=backend)
+
+
+@provider("peft_ops_lora", requires=("peft_ops",),
+          description="peft_ops on a DoRA serving case without its magnitude (QLoRA's cost): the QDoRA "
+                      "decode / prefill target is peft_ops / this <= 1.05")
+def _peft_ops_lora(case: Case, inputs: Inputs) -> Layer:
+    from peft_ops.functional import lora_linear
+
+    if not (case.dora and not case.mixed and case.mode in ("decode", "prefill")):
+        raise Unsupported("only for DoRA decode / prefill (it is the LoRA twin of that case)")
+    weight = inputs.nf4 if case.quantized else inputs.w
+    A, B = inputs.A, inputs.B
 
     def forward(x):
-        return lora_linear(x, weight, A, B, SCALING, magnitude=m, dropout=p, training=training, seed=0)
-    return Layer(forward, _trainable(case, inputs), [weight], note=backend)
+        return lora_linear(x, weight, A, B, SCALING)
+    _warm(forward, inputs.x)
+    return Layer(forward, [A, B], [weight], note="triton" if inputs.x.is_cuda else "cpu-path")
+
+
+@provider("peft_ops_one_adapter", requires=("peft_ops",),
+          description="peft_ops lora_linear on a mixed case's rows all with its first adapter (a "
+                      "single-adapter batch of the same size): the mixed target is peft_ops / this <= 1.25")
+def _peft_ops_one_adapter(case: Case, inputs: Inputs) -> Layer:
+    from peft_ops.functional import DoraNormCache, lora_linear
+
+    if not case.mixed:
+        raise Unsupported("only for the mixed-adapter ops")
+    weight = inputs.nf4 if case.quantized else inputs.w
+    mixed = mixed_adapters(case, inputs)
+    A, B, m, norm_cache = mixed.As[0], mixed.Bs[0], mixed.ms[0], DoraNormCache() if case.dora else None
+
+    def forward(x):
+        return lora_linear(x, weight, A, B, SCALING, magnitude=m, norm_cache=norm_cache)
+    if not case.trains:
+        _warm(forward, inputs.x)
+    return Layer(forward, [A, B] + ([m] if m is not None else []), [weight],
+                 note="triton" if inputs.x.is_cuda else "cpu-path")
 
 
 @provider("torch", requires=("torch",),
@@ -197,6 +289,8 @@ def _torch(case: Case, inputs: Inputs) -> Layer:
     if case.op == "nf4_dequantize":
         raise Unsupported("no dense counterpart of a dequantization")
     w = inputs.w
+    if case.mixed:
+        return Layer(lambda x: F.linear(x, w), [], [w], note="no adapter")
     return Layer(lambda x: F.linear(x, w), [], [w])
 
 
@@ -210,6 +304,8 @@ def _reference(case: Case, inputs: Inputs) -> Layer:
         return Layer(lambda x: reference.nf4_dequantize(nf4, dtype=dtype), frozen=[nf4])
     if case.dropout and case.trains:
         raise Unsupported("the reference takes an explicit dropout mask; the bench times dropout 0")
+    if case.mixed:
+        raise Unsupported("the mixed-adapter reference loops over rows; the bench times PEFT's loop instead")
     weight = inputs.nf4 if case.quantized else inputs.w
     A, B, m, dtype = inputs.A, inputs.B, inputs.m, case.dtype
 
@@ -261,6 +357,8 @@ def _dequant_addmm(case: Case, inputs: Inputs) -> Layer:
         raise Unsupported("is itself built on a dequantization (see peft_bnb)")
     if case.dropout and case.trains:
         raise Unsupported("dropout is not implemented in this baseline; the bench times dropout 0")
+    if case.mixed:
+        raise Unsupported("one adapter a call; see peft_bnb for PEFT's mixed-batch loop")
     note = ""
     if not case.quantized:
         w = inputs.w
@@ -331,19 +429,51 @@ def _peft_bnb(case: Case, inputs: Inputs) -> Layer:
         base.weight.requires_grad_(False)
     config = LoraConfig(r=case.r, lora_alpha=SCALING * case.r, target_modules=["proj"], lora_dropout=case.dropout,
                         use_dora=case.dora)
-    model = get_peft_model(_Wrap(base, loaded_in_4bit=case.quantized), config)
-    layer = model.base_model.model.proj
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(inputs.A)
-        layer.lora_B["default"].weight.copy_(inputs.B)
+    if not case.mixed:
+        model = get_peft_model(_Wrap(base, loaded_in_4bit=case.quantized), config)
+        layer = model.base_model.model.proj
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(inputs.A)
+            layer.lora_B["default"].weight.copy_(inputs.B)
+            if case.dora:
+                layer.lora_magnitude_vector["default"].weight.copy_(inputs.m)
+        forward, note = layer, f"{type(layer).__module__}.{type(layer).__name__}"
+    else:
+        # PEFT's mixed batch: one adapter per row (adapter_names), run one sub-batch per adapter
+        mixed = mixed_adapters(case, inputs)
+        if case.dora and w.device.type == "meta":
+            raise Unsupported("PEFT's DoRA init of an added adapter copies the base weight to the adapter's "
+                              "device, which meta tensors (the static model) cannot")
+        model = get_peft_model(_Wrap(base, loaded_in_4bit=case.quantized), config, adapter_name="adapter0")
+        for e in range(1, case.adapters):
+            model.add_adapter(f"adapter{e}", config)
+        layer = model.base_model.model.proj
+        for adapters in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+            adapters.to(w.device)   # adapters added later sit on the CPU when the base is on meta
+        with torch.no_grad():
+            for e in range(case.adapters):
+                layer.lora_A[f"adapter{e}"].weight.copy_(mixed.As[e])
+                layer.lora_B[f"adapter{e}"].weight.copy_(mixed.Bs[e])
+                if case.dora:
+                    layer.lora_magnitude_vector[f"adapter{e}"].weight.copy_(mixed.ms[e])
+        for e in range(case.adapters):   # add_adapter leaves the new ones frozen
+            for name in ("lora_A", "lora_B") + (("lora_magnitude_vector",) if case.dora else ()):
+                getattr(layer, name)[f"adapter{e}"].weight.requires_grad_(case.trains)
+        names = mixed.names
         if case.dora:
-            layer.lora_magnitude_vector["default"].weight.copy_(inputs.m)
+            # PEFT refuses DoRA with adapter_names; its own per-adapter loop, called directly
+            def forward(x):
+                return layer._mixed_batch_forward(x, adapter_names=names)
+            note = f"{type(layer).__module__}.{type(layer).__name__}._mixed_batch_forward (PEFT refuses DoRA there)"
+        else:
+            def forward(x):
+                return layer(x, adapter_names=names)
+            note = f"{type(layer).__module__}.{type(layer).__name__}(adapter_names=...)"
     model.train(case.trains)
     params = [p for p in layer.parameters() if p.requires_grad]
     if any(p.dtype != case.adapter_dtype for p in params):
         raise Unsupported(f"PEFT made adapters in {params[0].dtype}, expected {case.adapter_dtype}")
-    note = f"{type(layer).__module__}.{type(layer).__name__}"
-    return Layer(layer, params, [layer], note)
+    return Layer(forward, params, [layer], note)
 
 
 def make_layer(name: str, case: Case, inputs: Inputs) -> Layer:
@@ -351,4 +481,4 @@ def make_layer(name: str, case: Case, inputs: Inputs) -> Layer:
 
 
 __all__ = ["PROVIDERS", "Provider", "provider", "Layer", "Inputs", "Unsupported", "make_layer",
-           "SCALING"]
+           "SCALING", "mixed_adapters"]

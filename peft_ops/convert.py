@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import nn
 
+from .functional import cached_norms_allowed
 from .modules import (
     LoraLinear,
     NF4Linear,
@@ -16,8 +17,11 @@ from .modules import (
     check_alpha,
     check_rank,
     fused_lora_linear,
+    fused_lora_linear_multi,
     is_bnb_linear4bit,
     is_conv1d,
+    layer_cache,
+    names_index,
 )
 
 __all__ = ["add_lora", "from_peft", "merge_adapters", "unmerge_adapters"]
@@ -338,9 +342,21 @@ def _hooks_reason(layer, adapter):
 class FusedLoraForward:
     """Mixin put in front of a PEFT LoRA layer's class by `from_peft`: `forward` runs the fused op
     when it computes what PEFT would, and PEFT's own `forward` otherwise. Every other method
-    (merge, set_adapter, state dict, ...) is PEFT's."""
+    (merge, set_adapter, state dict, ...) is PEFT's.
+
+    A mixed batch (`adapter_names=`, one name a sample) runs as one fused call over every adapter
+    it names, LoRA and DoRA alike (PEFT's own path refuses DoRA there), "__base__" samples and
+    names this layer lacks getting the base output, as in PEFT. Without grad the layer keeps each
+    DoRA adapter's row norm (N floats) until its weights, the base or the scaling change."""
 
     def forward(self, x, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:
+            route, reason = self._peft_ops_mixed_route(x, args, kwargs)
+            if route is None:
+                if reason:
+                    _warn_once(f"peft_ops: falling back to PEFT's unfused LoRA forward: {reason}")
+                return super().forward(x, *args, **kwargs)
+            return self._peft_ops_mixed_forward(x, kwargs["adapter_names"], route)
         adapter, reason = self._peft_ops_route(x, args, kwargs)
         if adapter is None:
             if reason:
@@ -349,16 +365,38 @@ class FusedLoraForward:
         magnitude = self.lora_magnitude_vector[adapter].weight if adapter in self.lora_variant else None
         dropout = self.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        cache = layer_cache(self).norm_cache(adapter) if magnitude is not None and cached_norms_allowed() else None
         return fused_lora_linear(x, self.get_base_layer(), self.lora_A[adapter].weight,
-                                 self.lora_B[adapter].weight, self.scaling[adapter], magnitude, p, self.training)
+                                 self.lora_B[adapter].weight, self.scaling[adapter], magnitude, p, self.training,
+                                 norm_cache=cache)
+
+    def _peft_ops_common_reason(self, x, adapters):
+        """Why adapters `adapters` cannot run fused on input x (PEFT's path then), or None."""
+        for adapter in adapters:
+            reason = _adapter_unsupported_reason(self, adapter) or _base_unsupported_reason(self)
+            if reason:
+                return f"adapter {adapter!r}: {reason}"
+            reason = _hooks_reason(self, adapter)
+            if reason:
+                return reason
+        weight = self.get_base_layer().weight
+        if isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled():
+            # Unfrozen by the user, or a view of a flat parameter that requires grad (FSDP1 with
+            # use_orig_params=True): the fused op gives the base weight no gradient, PEFT's path does.
+            return "the base weight requires grad (the fused op trains adapters only)"
+        if not getattr(self, "cast_input_dtype_enabled", True):
+            return "input dtype casting disabled"
+        if not isinstance(x, torch.Tensor):
+            return f"input of type {type(x).__name__}"
+        if any(self.lora_A[a].weight.device != x.device for a in adapters):
+            return "adapter weights on another device than the input (offloading)"
+        return None
 
     def _peft_ops_route(self, x, args, kwargs):
         """(adapter, None) for the fused path; (None, reason) for PEFT's path, reason "" when that
         path is the base layer alone (nothing to fuse)."""
         if self.disable_adapters or self.merged:
             return None, ""
-        if kwargs.get("adapter_names") is not None:
-            return None, "mixed-batch adapter_names"
         if args or any(v is not None for v in kwargs.values()):
             return None, f"extra forward arguments {sorted(kwargs)}"
         active = [a for a in self.active_adapters if a in self.lora_A]
@@ -367,24 +405,43 @@ class FusedLoraForward:
         if len(active) > 1:
             return None, "several active adapters in one layer"
         adapter = active[0]
-        reason = _adapter_unsupported_reason(self, adapter) or _base_unsupported_reason(self)
-        if reason:
-            return None, f"adapter {adapter!r}: {reason}"
-        reason = _hooks_reason(self, adapter)
+        return (None, reason) if (reason := self._peft_ops_common_reason(x, [adapter])) else (adapter, None)
+
+    def _peft_ops_mixed_route(self, x, args, kwargs):
+        """(adapters the batch names, None) for the fused mixed-batch path; (None, reason) for
+        PEFT's (reason "" where PEFT's path is what to run: the base alone, or PEFT's own error)."""
+        names = kwargs["adapter_names"]
+        if self.disable_adapters or self.merged:
+            return None, ""   # PEFT gives the base output, or raises (adapter_names with merged adapters)
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or not isinstance(names, (list, tuple)) \
+                or len(names) != x.shape[0] or not all(isinstance(n, str) for n in names):
+            return None, ""   # PEFT's argument check raises its own error
+        if args or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
+            return None, f"extra forward arguments {sorted(k for k in kwargs if k != 'adapter_names')}"
+        adapters = list(dict.fromkeys(n for n in names if n != "__base__" and n in self.lora_A))
+        if not adapters:
+            return None, ""
+        reason = self._peft_ops_common_reason(x, adapters)
         if reason:
             return None, reason
-        weight = self.get_base_layer().weight
-        if isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled():
-            # Unfrozen by the user, or a view of a flat parameter that requires grad (FSDP1 with
-            # use_orig_params=True): the fused op gives the base weight no gradient, PEFT's path does.
-            return None, "the base weight requires grad (the fused op trains adapters only)"
-        if not getattr(self, "cast_input_dtype_enabled", True):
-            return None, "input dtype casting disabled"
-        if not isinstance(x, torch.Tensor):
-            return None, f"input of type {type(x).__name__}"
-        if self.lora_A[adapter].weight.device != x.device:
-            return None, "adapter weights on another device than the input (offloading)"
-        return adapter, None
+        if self.training:
+            ps = {self.lora_dropout[a].p if isinstance(self.lora_dropout[a], nn.Dropout) else 0.0 for a in adapters}
+            if len(ps) > 1:
+                return None, ("a training batch over adapters with different lora_dropout (the fused mixed-batch "
+                              "op draws one dropout for all rows)")
+        return adapters, None
+
+    def _peft_ops_mixed_forward(self, x, names, adapters):
+        cache = layer_cache(self)
+        cache.keep_only(set(self.lora_A))
+        idx = names_index(cache, names, adapters, x)
+        mags = [self.lora_magnitude_vector[a].weight if a in self.lora_variant else None for a in adapters]
+        dropout = self.lora_dropout[adapters[0]]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return fused_lora_linear_multi(x, self.get_base_layer(), [self.lora_A[a].weight for a in adapters],
+                                       [self.lora_B[a].weight for a in adapters],
+                                       [self.scaling[a] for a in adapters], mags, idx, p, self.training,
+                                       cache=cache, norm_keys=adapters)
 
 
 _fused_classes = {}
@@ -418,9 +475,11 @@ def from_peft(model):
     (fan_in_fan_out), and PEFT's bitsandbytes `Linear4bit` (NF4) layers; LoRA and DoRA adapters.
     Everything else (embeddings, convolutions, 8-bit and other quantized bases, other LoRA
     variants, lora_bias) keeps PEFT's path and is listed, with the reason, in one warning.
-    At call time a converted layer still uses PEFT's path for what the fused op does not compute
-    (mixed-batch `adapter_names`, several adapters active at once in one layer, hooks on the
-    submodules PEFT would call, a base weight that requires grad) and warns once per reason.
+    A mixed batch (`model(..., adapter_names=[...])`, `generate(..., adapter_names=[...])`) runs
+    fused too, one call over every adapter it names, LoRA and DoRA. At call time a converted layer
+    still uses PEFT's path for what the fused op does not compute (several adapters active at once
+    in one layer, hooks on the submodules PEFT would call, a base weight that requires grad, a
+    training batch mixing adapters of different dropout) and warns once per reason.
     A scaling PEFT holds as a 0-d tensor (`prepare_model_for_compiled_hotswap`) is read as a
     tensor, so hot-swapping a compiled model keeps working. The converted class keeps PEFT's name
     (`repr`, `get_layer_status()`). Calling it again converts layers added since.

@@ -8,9 +8,15 @@ needs goes through `ctx.save_for_backward`: x, xa = drop(x) Aᵀ (M×r, fp32), f
 (N floats) and, when the magnitude trains, z (M×N, DoRA's pre-scale output); the frozen weight is
 saved as the tensors it already is. Never a dropout mask (regenerated from a seed) and never a
 dense copy of W.
+
+Without grad (eval, `torch.no_grad`, `generate`) DoRA's row norm can come from a `DoraNormCache`:
+n (and m/n), N floats an adapter, kept while what they depend on is unchanged, so a decode step
+of QDoRA launches what QLoRA's does. With grad enabled n is always computed afresh.
 """
 
+import itertools
 import numbers
+import warnings
 
 import torch
 
@@ -77,11 +83,14 @@ class DoraLinearFunction(torch.autograd.Function):
     """DoRA with PEFT's semantics; n = ‖W + s·B A‖ is a constant in backward (SPEC §3)."""
 
     @staticmethod
-    def forward(ctx, x, lead, lora_A, lora_B, magnitude, bias, scaling, p, seed, meta, offset, *weight_tensors):
+    def forward(ctx, x, lead, lora_A, lora_B, magnitude, bias, scaling, p, seed, meta, offset, norm, mn,
+                *weight_tensors):
         weight = lib.WeightOperands(weight_tensors, meta, offset)
         seed_t = lib.seed_operand(seed, p)
-        norm = lib.row_norm(weight, lora_A, lora_B, scaling).clamp_min(DORA_EPS)  # n, one pass over W
-        mn = magnitude.float() / norm                                               # m/n
+        if norm is None:   # else a norm the caller keeps (DoraNormCache, without grad)
+            norm = lib.row_norm(weight, lora_A, lora_B, scaling).clamp_min(DORA_EPS)  # n, one pass over W
+        if mn is None:
+            mn = magnitude.float() / norm                                           # m/n
         save_z = ctx.needs_input_grad[4]
         if p:
             xa, xd = lib.lora_shrink(x, lora_A, dropout=p, seed=seed_t, write_xd=True)  # drop(x) Aᵀ, keep⊙x
@@ -120,7 +129,7 @@ class DoraLinearFunction(torch.autograd.Function):
             dm = (lib.column_dot(dy, z) / norm).to(magnitude.dtype)                 # Σ_i dy z / n
         if need_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return (dx, None, dA, dB, dm, dbias, None, None, None, None, None) + (None,) * len(weight_tensors)
+        return (dx, None, dA, dB, dm, dbias, None, None, None, None, None, None, None) + (None,) * len(weight_tensors)
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -215,7 +224,7 @@ def _draw_seed():
 
 
 def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None, dropout=0.0,
-                training=False, seed=None):
+                training=False, seed=None, norm_cache=None):
     """Fused LoRA / DoRA linear layer with autograd.
 
     Computes ``x Wᵀ + bias + scaling · (drop(x) Aᵀ) Bᵀ`` (LoRA), or with ``magnitude`` PEFT's
@@ -236,12 +245,18 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
         seed: dropout seed (an int, or a 0-d integer tensor); drawn from torch's default
             generator when None. The mask is a function of (seed, element index) only:
             `peft_ops.ops.dropout_scale` reproduces it.
+        norm_cache: a `DoraNormCache` for this adapter and base (DoRA only). Without grad the row
+            norm and m/n come from it, recomputed only when the weight, A, B, the scaling or the
+            magnitude changed; with grad enabled (training) it is not read and n is computed as
+            always.
 
     Returns:
         ``[..., N]`` in x's dtype. Gradients flow to x, lora_A, lora_B, magnitude and bias
         (each in its own dtype); the base weight is frozen.
     """
     _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout, seed)
+    if norm_cache is not None and not isinstance(norm_cache, DoraNormCache):
+        raise TypeError(f"norm_cache: expected a peft_ops.DoraNormCache, got {type(norm_cache).__name__}")
     N, K = weight.shape
     p = float(dropout) if training else 0.0
     if not p:
@@ -261,6 +276,9 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
         return y if bias is None else y + bias.to(x.dtype)
     if bias is not None:
         bias = bias.contiguous()   # the epilogue reads it with unit stride (N elements)
+    norm = mn = None
+    if magnitude is not None and norm_cache is not None and cached_norms_allowed():
+        norm, mn = norm_cache.get(weight, lora_A, lora_B, scaling, magnitude)
     if isinstance(scaling, torch.Tensor):
         # s·(xa Bᵀ) = xa (s·B)ᵀ, and ‖W + s·B A‖ is the same with s folded into B. The ops take s
         # as a float, which a tensor only becomes through `.item()`: a graph break under
@@ -274,7 +292,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
         return LoraLinearFunction.apply(x2, lead, lora_A, lora_B, bias, float(scaling), p, seed, meta, offset,
                                         *tensors)
     return DoraLinearFunction.apply(x2, lead, lora_A, lora_B, magnitude, bias, float(scaling), p, seed, meta,
-                                    offset, *tensors)
+                                    offset, norm, mn, *tensors)
 
 
 def dora_row_norm(weight, lora_A, lora_B, scaling):
@@ -283,3 +301,118 @@ def dora_row_norm(weight, lora_A, lora_B, scaling):
     Use it to initialise a DoRA magnitude (``m = dora_row_norm(W, A, B, s)``) or to merge."""
     with torch.no_grad():
         return lib.row_norm(lib.operands(weight), lora_A, lora_B, float(scaling))
+
+
+# --- DoRA's row norm, kept between calls without grad -------------------------------------------
+
+_warned = set()
+
+
+def warn_once(message, stacklevel=3):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=stacklevel)
+
+
+def cached_norms_allowed() -> bool:
+    """Caches are read only without grad and outside torch.compile: a training step always
+    computes the norm afresh (it is cheap beside the step, and nothing stale can reach a gradient)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+_stamps = itertools.count()
+
+
+def _stamp(t):
+    """A mark of the tensor object itself, set on first use. A cache compares it with `id(t)`:
+    a new tensor that happens to reuse a freed one's id (and memory, and version) has no mark or
+    another one. Neither a weak reference (which `torch.utils.swap_tensors`, used by
+    `Module._apply` for tensor subclasses, refuses) nor a strong one (which would keep a replaced
+    weight alive) is held."""
+    stamp = t.__dict__.get("_peft_ops_stamp")
+    if stamp is None:
+        stamp = t.__dict__["_peft_ops_stamp"] = next(_stamps)
+    return stamp
+
+
+def tensor_key(t):
+    """What a value computed from tensor `t` depends on: the tensor (a view through its base, so a
+    fresh `.t()` of the same weight matches), its version counter (bumped by every in-place change
+    except writes through `.data`), where its data is, its shape, strides, dtype and device.
+    Raises RuntimeError for an inference tensor (it has no version counter)."""
+    base = t if t._base is None else t._base
+    return (id(base), _stamp(base), base._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype,
+            t.device)
+
+
+def weight_key(weight):
+    """`tensor_key` of a dense weight, or of every tensor of an NF4Weight plus its layout."""
+    if isinstance(weight, torch.Tensor):
+        return (tensor_key(weight),)
+    tensors = (weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.code)
+    return tuple(None if t is None else tensor_key(t) for t in tensors) + (
+        tuple(weight.shape), weight.dtype, weight.blocksize, weight.nested_blocksize, weight.offset)
+
+
+def scaling_key(scaling):
+    return ("tensor", tensor_key(scaling)) if isinstance(scaling, torch.Tensor) else ("number", float(scaling))
+
+
+class DoraNormCache:
+    """DoRA's row norm n = ‖W + s·B A‖ (clamped at `reference.DORA_EPS`) and m/n of one adapter
+    over one base weight, kept between calls without grad.
+
+    Each is keyed on what it depends on: the base weight's tensors (identity, version counter,
+    storage), A, B and the scaling for n, and the magnitude as well for m/n; a change to any of
+    them (an optimizer step, `load_state_dict`, `.to()`, a merge that requantizes, a new adapter
+    under the same name) recomputes it on the next call. It holds 2N floats, never a weight, and no
+    reference to the tensors it was computed from. Writes through `.data` (PEFT's
+    `hotswap_adapter` makes them) bypass version counters: call `clear()` after them.
+
+    `peft_ops.lora_linear(..., norm_cache=c)` reads it only without grad; `LoraLinear` and the
+    layers `from_peft` converts keep one per adapter.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self):
+        """Forget the cached values (they are recomputed on the next call without grad)."""
+        self._norm_key = self._mn_key = None
+        self._norm = self._mn = None
+
+    def get(self, weight, lora_A, lora_B, scaling, magnitude):
+        """(n, m/n), fp32 [N] each, from the cache or computed now (detached)."""
+        try:
+            key = (weight_key(weight), tensor_key(lora_A), tensor_key(lora_B), scaling_key(scaling))
+            mn_key = (key, tensor_key(magnitude))
+        except RuntimeError:   # inference tensors have no version counter: nothing to key on
+            warn_once("peft_ops: DoRA row norm recomputed on every call: the adapter or base tensors are "
+                      "inference tensors (created under torch.inference_mode), which have no version counter "
+                      "to key a cache on; create them outside inference_mode to cache the norm")
+            norm = dora_norm(weight, lora_A, lora_B, scaling)
+            return norm, magnitude.detach().float() / norm
+        if key != self._norm_key:
+            self._norm, self._norm_key, self._mn_key = dora_norm(weight, lora_A, lora_B, scaling), key, None
+        if mn_key != self._mn_key:
+            self._mn, self._mn_key = magnitude.detach().float() / self._norm, mn_key
+        return self._norm, self._mn
+
+    # A copy (deepcopy, pickle) of a module holding a cache starts with an empty one.
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.clear()
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+
+def dora_norm(weight, lora_A, lora_B, scaling):
+    """fp32 [N] max(‖W + s·B A‖, DORA_EPS), detached; a tensor scaling is folded into B as
+    `lora_linear` does."""
+    with torch.no_grad():
+        if isinstance(scaling, torch.Tensor):
+            lora_B, scaling = lora_B.float() * scaling, 1.0
+        return lib.row_norm(lib.operands(weight), lora_A, lora_B, float(scaling)).clamp_min(DORA_EPS)

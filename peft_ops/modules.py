@@ -1,8 +1,9 @@
 """Thin `nn.Module`s over the fused op: `NF4Linear` (a frozen NF4 base) and `LoraLinear` (a LoRA /
 DoRA adapter over a base layer), with PEFT's constructor names and initialisation (SPEC §3).
 
-The math lives in `peft_ops.functional.lora_linear`; these modules only pick the base weight in the
-`[N, K]` orientation the op expects, hold the adapter parameters, and merge / unmerge.
+The math lives in `peft_ops.functional.lora_linear` (and `peft_ops.multi.lora_linear_multi` for a
+mixed `adapter_names` batch); these modules only pick the base weight in the `[N, K]` orientation the
+op expects, hold the adapter parameters and the no-grad DoRA norm cache, and merge / unmerge.
 """
 
 import math
@@ -11,7 +12,8 @@ import numbers
 import torch
 from torch import nn
 
-from .functional import dora_row_norm, lora_linear
+from .functional import cached_norms_allowed, dora_row_norm, lora_linear
+from .multi import BASE, MultiAdapterCache, multi_call, row_index
 from .nf4 import NF4Weight
 from .reference import DORA_EPS
 
@@ -138,8 +140,8 @@ def base_weight_nk(base):
     return base.weight
 
 
-def fused_lora_linear(x, base, lora_A, lora_B, scaling, magnitude, dropout, training):
-    """`lora_linear` over `base`, in the dtype the unfused layers would compute in.
+def _in_layer_dtype(x, base, call):
+    """`call(x, weight)` in the dtype the unfused layers would compute in.
 
     Under autocast, `nn.Linear` computes in the autocast dtype; so does one fused call (a dense
     weight is cast like autocast casts it). A bitsandbytes `Linear4bit` with a `compute_dtype`
@@ -158,14 +160,60 @@ def fused_lora_linear(x, base, lora_A, lora_B, scaling, magnitude, dropout, trai
     else:
         dtype = x.dtype
     if dtype == x.dtype and not torch.is_autocast_enabled(device_type):
-        return lora_linear(x, weight, lora_A, lora_B, scaling, bias=base.bias, magnitude=magnitude,
-                           dropout=dropout, training=training)
+        return call(x, weight)
     if isinstance(weight, torch.Tensor):
         weight = weight.to(dtype)
     with torch.autocast(device_type, enabled=False):
-        y = lora_linear(x.to(dtype), weight, lora_A, lora_B, scaling, bias=base.bias, magnitude=magnitude,
-                        dropout=dropout, training=training)
+        y = call(x.to(dtype), weight)
     return y.to(x.dtype) if bnb else y
+
+
+def fused_lora_linear(x, base, lora_A, lora_B, scaling, magnitude, dropout, training, norm_cache=None):
+    """`lora_linear` over `base`, in the dtype the unfused layers would compute in (see
+    `_in_layer_dtype`); DoRA reads its norm from `norm_cache` without grad."""
+    return _in_layer_dtype(x, base, lambda x, weight: lora_linear(
+        x, weight, lora_A, lora_B, scaling, bias=base.bias, magnitude=magnitude, dropout=dropout, training=training,
+        norm_cache=norm_cache))
+
+
+def fused_lora_linear_multi(x, base, As, Bs, scalings, magnitudes, idx, dropout, training, cache=None,
+                            norm_keys=None):
+    """`lora_linear_multi` over `base` (validated per-adapter lists, idx int32 [M] on x's device),
+    in the dtype the unfused layers would compute in."""
+    return _in_layer_dtype(x, base, lambda x, weight: multi_call(
+        x, weight, As, Bs, scalings, magnitudes, idx, bias=base.bias, dropout=dropout, training=training,
+        cache=cache, norm_keys=norm_keys))
+
+
+def layer_cache(module) -> MultiAdapterCache:
+    """The no-grad cache (`MultiAdapterCache`: DoRA norms, adapter tables, row indices) a layer
+    keeps in its `__dict__`; a copy or an unpickled layer starts with an empty one."""
+    cache = module.__dict__.get("_peft_ops_cache")
+    if cache is None:
+        cache = module.__dict__["_peft_ops_cache"] = MultiAdapterCache()
+    return cache
+
+
+def check_adapter_names(adapter_names, x):
+    """PEFT's rule for `adapter_names`: one name (str) per sample of x (its first dimension)."""
+    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError("adapter_names: expected a list of adapter names (str), one per sample")
+    if x.dim() < 2 or len(adapter_names) != x.shape[0]:
+        raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(adapter_names)} and {x.shape[0] if x.dim() else 0} respectively.")
+
+
+def names_index(cache, adapter_names, order, x):
+    """int32 [M] row index on x's device for per-sample `adapter_names`: each name's position in
+    `order`, -1 for "__base__" and names the layer lacks (PEFT gives those rows the base output);
+    kept in `cache` so a decode loop copies it to the device once."""
+    key = (tuple(adapter_names), tuple(order), tuple(x.shape[:-1]), x.device)
+
+    def build():
+        position = {name: e for e, name in enumerate(order)}
+        per_sample = [position.get(name, BASE) for name in adapter_names]
+        return row_index(torch.tensor(per_sample, dtype=torch.int32), x, len(order))
+    return cache.index(key, build)
 
 
 # --- NF4Linear -----------------------------------------------------------------------------------
@@ -377,7 +425,15 @@ class LoraLinear(nn.Module):
 
     Parameters: `lora_A` `[r, in_features]`, `lora_B` `[out_features, r]`, and with DoRA
     `lora_magnitude_vector` `[out_features]`; all trainable.
+
+    `forward(x, adapter_names=[...])` takes PEFT's mixed-batch argument: one name a sample (x's
+    first dimension); samples naming this layer's adapter (`adapter_name`, "default" as PEFT's)
+    use it, those naming "__base__" (or any other name, as a PEFT layer without that adapter does)
+    get the base output, in one fused call. Without grad, DoRA's row norm is computed once and
+    kept (N floats) until the base weight, A, B, the scaling or the magnitude change.
     """
+
+    adapter_name = "default"
 
     def __init__(self, base_layer, r=8, lora_alpha=8, lora_dropout=0.0, use_dora=False, use_rslora=False,
                  init_lora_weights=True, *, dtype=torch.float32):
@@ -448,13 +504,32 @@ class LoraLinear(nn.Module):
         """The base layer's bias (or None)."""
         return self.base_layer.bias
 
-    def forward(self, x):
+    def forward(self, x, adapter_names=None):
         """`base(x) + s·(drop(x) Aᵀ) Bᵀ` (LoRA) or PEFT's DoRA output, through the fused op;
-        the base alone once merged."""
+        the base alone once merged. With `adapter_names`, per sample as PEFT's mixed batch."""
+        if adapter_names is not None:
+            return self._mixed_forward(x, adapter_names)
         if self.merged:
             return self.base_layer(x)
+        cache = layer_cache(self).norm_cache(self.adapter_name) if self.use_dora and cached_norms_allowed() else None
         return fused_lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling,
-                                 self.lora_magnitude_vector, self.lora_dropout, self.training)
+                                 self.lora_magnitude_vector, self.lora_dropout, self.training, norm_cache=cache)
+
+    def _mixed_forward(self, x, adapter_names):
+        check_adapter_names(adapter_names, x)
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+        uses = [name == self.adapter_name for name in adapter_names]
+        if not any(uses):
+            return self.base_layer(x)
+        if all(uses):
+            return self.forward(x)
+        cache = layer_cache(self)
+        idx = names_index(cache, adapter_names, [self.adapter_name], x)
+        return fused_lora_linear_multi(x, self.base_layer, [self.lora_A], [self.lora_B], [self.scaling],
+                                       [self.lora_magnitude_vector], idx, self.lora_dropout, self.training,
+                                       cache=cache, norm_keys=[self.adapter_name])
 
     # --- merge / unmerge ---
 

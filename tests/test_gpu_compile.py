@@ -72,10 +72,10 @@ def _bad(rows, pred):
 
 def test_every_kernel_is_launched_and_compiles(lowered):
     # A kernel the workload never reaches would go unchecked; every one must appear.
-    from peft_ops.kernels import decode, dora, dropout, gemm, lora, nf4
+    from peft_ops.kernels import decode, dora, dropout, gemm, lora, multi_lora, nf4
 
-    kernels = {name for mod in (lora, decode, gemm, dora, nf4, dropout) for name, obj in vars(mod).items()
-               if type(obj).__name__ == "JITFunction" and name.endswith("_kernel")}
+    kernels = {name for mod in (lora, decode, gemm, dora, nf4, dropout, multi_lora)
+               for name, obj in vars(mod).items() if type(obj).__name__ == "JITFunction" and name.endswith("_kernel")}
     seen = {r["kernel"] for r in lowered["rows"]}
     assert kernels <= seen, f"never launched by the workload: {sorted(kernels - seen)}"
 

@@ -4,4 +4,5 @@ Nothing here is fast or fused; everything here is meant to be read next to SPEC 
 """
 
 from .lora import DORA_EPS, dense_weight, dora_row_norm, lora_linear  # noqa: F401
+from .multi import lora_linear_multi  # noqa: F401
 from .nf4 import nf4_dequantize, nf4_quantize  # noqa: F401
