@@ -220,8 +220,9 @@ def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=
     dots = _dot_args(x.dtype)
     tiles = triton.cdiv(N, BLOCK_N)
     if split_k is None:
-        split_k = 1 if interpreting() else max(1, min(triton.cdiv(2 * _lora._sm_count(x.device), tiles),
-                                                      K // BLOCK_K, 32))
+        # at most two programs an SM (what fits at once): a third wave would run one split's
+        # worth of work on a fraction of the SMs
+        split_k = 1 if interpreting() else max(1, min(2 * _lora._sm_count(x.device) // tiles, K // BLOCK_K, 32))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     split_k = triton.cdiv(K, k_per_split)
     out_dtype = store_dtype(x.dtype)

@@ -134,17 +134,19 @@ def _(dy, w, absmax, nested_absmax, nested_code, offset_tensor, code, meta, offs
     return dy.new_empty((dy.shape[0], lora_A.shape[1]), dtype=out_dtype)
 
 
-def _outer_reduce(lhs: Tensor, rhs: Tensor, dropout: float, seed: Optional[Tensor]) -> Tensor:
-    """fp32 Σ_m lhs[m]ᵀ (rhs[m] ⊙ D[m])."""
+def _outer_reduce(lhs: Tensor, rhs: Tensor, dropout: float, seed: Optional[Tensor], scale: float,
+                  factor: Optional[Tensor]) -> Tensor:
+    """fp32 scale · factor ⊙ Σ_m lhs[m]ᵀ (rhs[m] ⊙ D[m])."""
     with _exact(lhs):
-        return ops.outer_reduce(lhs, rhs, dropout=dropout, seed=_seed(seed)).contiguous()
+        return ops.outer_reduce(lhs, rhs, dropout=dropout, seed=_seed(seed), scale=scale,
+                                factor=factor).contiguous()
 
 
 outer_reduce_op = torch.library.custom_op("peft_ops::outer_reduce", _outer_reduce, mutates_args=())
 
 
 @outer_reduce_op.register_fake
-def _(lhs, rhs, dropout, seed):
+def _(lhs, rhs, dropout, seed, scale, factor):
     return lhs.new_empty((lhs.shape[1], rhs.shape[1]), dtype=torch.float32)
 
 
@@ -235,8 +237,8 @@ def fused_linear_dx(dy, weight: WeightOperands, gb, lora_A, scaling, *, col_scal
                  col_scale, second_scale, dropout, seed, out_dtype or dy.dtype)
 
 
-def outer_reduce(lhs, rhs, *, dropout=0.0, seed=None):
-    return _call("outer_reduce", lhs, rhs, dropout, seed)
+def outer_reduce(lhs, rhs, *, dropout=0.0, seed=None, scale=1.0, factor=None):
+    return _call("outer_reduce", lhs, rhs, dropout, seed, float(scale), factor)
 
 
 def row_norm(weight: WeightOperands, lora_A, lora_B, scaling):

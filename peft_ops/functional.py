@@ -71,9 +71,9 @@ class LoraLinearFunction(torch.autograd.Function):
             dx = lib.fused_linear_dx(dy, weight, gb, lora_A, s, dropout=p, seed=seed,
                                      out_dtype=x.dtype)                            # dy W + s·D⊙(gb A)
         if need_A:
-            dA = (s * lib.outer_reduce(gb, x, dropout=p, seed=seed)).to(lora_A.dtype)  # s·gbᵀ drop(x)
+            dA = lib.outer_reduce(gb, x, dropout=p, seed=seed, scale=s).to(lora_A.dtype)  # s·gbᵀ drop(x)
         if need_B:
-            dB = (s * lib.outer_reduce(dy, xa)).to(lora_B.dtype)                  # s·dyᵀ xa
+            dB = lib.outer_reduce(dy, xa, scale=s).to(lora_B.dtype)                  # s·dyᵀ xa
         if need_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return (dx, None, dA, dB, dbias, None, None, None, None, None) + (None,) * len(weight_tensors)
@@ -122,9 +122,9 @@ class DoraLinearFunction(torch.autograd.Function):
             else:   # dx = (dy⊙m/n) W + s·gb A
                 dx = lib.fused_linear_dx(dy, weight, gb, lora_A, s, col_scale=mn, out_dtype=x.dtype)
         if need_A:
-            dA = (s * lib.outer_reduce(gb, x, dropout=p, seed=seed)).to(lora_A.dtype)  # s·gbᵀ drop(x)
+            dA = lib.outer_reduce(gb, x, dropout=p, seed=seed, scale=s).to(lora_A.dtype)  # s·gbᵀ drop(x)
         if need_B:
-            dB = (s * mn[:, None] * lib.outer_reduce(dy, xa)).to(lora_B.dtype)      # s·(m/n)⊙dyᵀ xa
+            dB = lib.outer_reduce(dy, xa, scale=s, factor=mn).to(lora_B.dtype)      # s·(m/n)⊙dyᵀ xa
         if need_m:
             dm = (lib.column_dot(dy, z) / norm).to(magnitude.dtype)                 # Σ_i dy z / n
         if need_bias:

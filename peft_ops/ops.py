@@ -355,14 +355,18 @@ def fused_linear_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_s
     return acc.addcmul_(inner, keep, value=1.0 / (1.0 - dropout)).to(out_dtype)   # + D ⊙ inner
 
 
-def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0):
-    """Σ_m lhs[m]ᵀ (rhs[m] ⊙ D[m]) in fp32 (D: the dropout scale of rhs, when dropout > 0)."""
+def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, scale=1.0, factor=None):
+    """scale · factor ⊙ Σ_m lhs[m]ᵀ (rhs[m] ⊙ D[m]) in fp32 (D: the dropout scale of rhs, when
+    dropout > 0; `factor`: fp32 [P], one per output row, when given)."""
     if use_triton(lhs):
-        return _lora.outer_reduce(lhs, rhs, dropout=dropout, seed=seed)
-    if not dropout:
-        return lhs.float().t() @ rhs.float()
-    kept = torch.where(dropout_keep(seed, tuple(rhs.shape), dropout, rhs.device), rhs, 0)
-    return (lhs.float().t() @ kept.float()).mul_(1.0 / (1.0 - dropout))
+        return _lora.outer_reduce(lhs, rhs, dropout=dropout, seed=seed, scale=scale, factor=factor)
+    if dropout:
+        rhs = torch.where(dropout_keep(seed, tuple(rhs.shape), dropout, rhs.device), rhs, 0)
+        scale = scale / (1.0 - dropout)
+    out = lhs.float().t() @ rhs.float()
+    if scale != 1.0:
+        out.mul_(scale)
+    return out if factor is None else out.mul_(factor.float()[:, None])
 
 
 def row_norm(weight, lora_A, lora_B, scaling):

@@ -46,7 +46,8 @@ def _op_cases():
     nf4 = lib.weight_operands(peft_ops.NF4Weight.quantize(torch.randn(N, K, generator=gen)))
     P = torch.ops.peft_ops
     cases = [(P.lora_shrink, (x, A, 0.0, None, False)), (P.lora_shrink, (x, A, 0.3, seed, True)),
-             (P.outer_reduce, (xa, x, 0.3, seed)), (P.column_dot, (dy, dy))]
+             (P.outer_reduce, (xa, x, 0.3, seed, 0.5, None)), (P.outer_reduce, (dy, xa, 0.0, None, 2.0, mn)),
+             (P.column_dot, (dy, dy))]
     for tensors, meta, offset in (dense, nf4):
         w = (*tensors, meta, offset)
         cases += [

@@ -208,6 +208,23 @@ def test_rank_spans_several_chunks(backend, nf4, p):
              nf4=nf4, dora=False, bias=False, p=p)
 
 
+@pytest.mark.parametrize("nf4", [False, True])
+def test_dora_at_initialisation_is_the_base_layer_bitwise(backend, nf4):
+    # Right after PEFT's initialisation (B = 0, m = ‖W + s·B A‖) m/n is exactly 1, so DoRA must give
+    # the base layer's output to the last bit in fp32, as PEFT does: here the same call without
+    # an adapter contribution (B = 0 through the LoRA path), bias included, on a 3-D input.
+    gen = torch.Generator().manual_seed(4)
+    N, K, r = 37, 96, 4
+    weight = make_weight(N, K, torch.float32, nf4, gen=gen)
+    x = torch.randn(2, 5, K, generator=gen).to(DEVICE)
+    A, B = torch.randn(r, K, generator=gen).to(DEVICE), torch.zeros(N, r, device=DEVICE)
+    bias = torch.randn(N, generator=gen).to(DEVICE)
+    m = peft_ops.dora_row_norm(weight, A, B, 2.0)
+    y_dora = peft_ops.lora_linear(x, weight, A, B, 2.0, bias=bias, magnitude=m)
+    y_base = peft_ops.lora_linear(x, weight, A, B, 2.0, bias=bias)
+    assert torch.equal(y_dora, y_base)
+
+
 def test_eval_ignores_dropout(backend):
     gen = torch.Generator().manual_seed(0)
     x, W = torch.randn(9, 32, generator=gen), torch.randn(17, 32, generator=gen)
