@@ -29,6 +29,9 @@ def build_config(argv=None) -> Config:
     ap.add_argument("--no-memory", action="store_true", help="skip the saved-for-backward memory table")
     ap.add_argument("--no-lowering", action="store_true",
                     help="CPU: skip lowering every launch for sm_90 (on by default without --quick)")
+    ap.add_argument("--no-model", action="store_true",
+                    help="skip the static sm_90 model (CPU full suite: every gpu case predicted; GPU: measured / "
+                         "predicted for each timed case)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     a = ap.parse_args(argv)
@@ -55,7 +58,8 @@ def build_config(argv=None) -> Config:
                  cpu_case_budget_s=2.5 if a.quick else 15.0,
                  gpu_warmup_ms=10 if a.quick else 25, gpu_rep_ms=40 if a.quick else 60,
                  memory_table=not a.no_memory, plots=not a.no_plots,
-                 lowering=not (cuda or a.quick or a.no_lowering))
+                 lowering=not (cuda or a.quick or a.no_lowering),
+                 model=not (a.no_model or (a.quick and not cuda)))
     cfg.list_only = a.list
     return cfg
 

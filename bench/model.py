@@ -905,6 +905,34 @@ def rows_for(pred: Prediction, env, ratios=None):
     return rows
 
 
+def calibrate(cases, rows, device_name, env, workers=2):
+    """The first check of the model on a GPU: for every case the bench timed there and a provider
+    the model covers, the prediction for that GPU (`gpu_for(device_name)`) and measured /
+    predicted (metrics `predicted_time`, us, and `measured_over_predicted`, x). A ratio below 1
+    would mean the model is no lower bound. Returns (rows, [(label, provider, why)] not modelled)."""
+    from .suite import _row
+
+    gpu = gpu_for(device_name)
+    measured = {(r["op"], r["mode"], r["M"], r["N"], r["K"], r["r"], r["dropout"], r["provider"]): float(r["p50"])
+                for r in rows if r["metric"] == "time" and r["unit"] == "ms"}
+    model, out, failures = Model(workers), [], []
+    for case in cases:
+        for provider in providers_for(case):
+            t = measured.get((case.op, case.mode, case.M, case.N, case.K, case.r, case.dropout, provider))
+            if t is None:
+                continue
+            try:
+                pred = model.predict(case, provider, gpu)
+            except Exception as e:   # reported, never hidden
+                failures.append((case.label(), provider, f"{type(e).__name__}: {e}"[:200]))
+                continue
+            out += rows_for(pred, env)
+            out.append(_row(dict(env, device=f"{env['device']} (measured) / {gpu.name} (static model)"), case,
+                            provider, "measured_over_predicted", "x", t * 1e-3 / pred.seconds,
+                            note=f"measured median / {LABEL}"))
+    return out, failures
+
+
 def launch_rows(pred: Prediction):
     out = []
     c = pred.case

@@ -49,6 +49,7 @@ class Config:
     budget_s: float = float("inf")      # whole-suite time budget; cases past it are counted, not run
     memory_table: bool = True
     lowering: bool = False              # lower every launch for sm_90 and read the cubins (lowering.py)
+    model: bool = False                 # the static sm_90 model (CPU: every gpu case; GPU: measured / predicted)
     plots: bool = True
     quiet: bool = False
 
@@ -61,6 +62,7 @@ class Report:
     memory_rows: list = field(default_factory=list)
     lowering_rows: list = field(default_factory=list)
     lowering_note: str = ""
+    model_lines: list = field(default_factory=list)
     csv_path: str = ""
     summary: str = ""
 
@@ -244,15 +246,26 @@ def run_suite(cfg: Config) -> Report:
             report.lowering_rows = lowering.lower(lowering.record())
             lowering.write_csv(os.path.join(cfg.out_dir, "lowering.csv"), report.lowering_rows)
     report.csv_path = os.path.join(cfg.out_dir, "results.csv")
-    write_csv(report.csv_path, report.rows)
-    report.summary = summarize(cfg, report)
-    with open(os.path.join(cfg.out_dir, "summary.txt"), "w") as f:
-        f.write(report.summary + "\n")
+
+    def write():
+        write_csv(report.csv_path, report.rows)
+        report.summary = summarize(cfg, report)
+        with open(os.path.join(cfg.out_dir, "summary.txt.partial"), "w") as f:
+            f.write(report.summary + "\n")
+        os.replace(os.path.join(cfg.out_dir, "summary.txt.partial"), os.path.join(cfg.out_dir, "summary.txt"))
+
+    write()
+    if cfg.model:   # after the measurements are on disk: a time limit that cuts the model loses nothing else
+        run_model(cfg, report, env, say)
+        write()
     say(report.summary)
     if cfg.plots:
         try:
             from . import plot
             paths = plot.plot_csv(report.csv_path, os.path.join(cfg.out_dir, "plots"))
+            model_csv = os.path.join(cfg.out_dir, "model.csv")
+            if cfg.model and os.path.exists(model_csv):
+                paths += plot.plot_csv(model_csv, os.path.join(cfg.out_dir, "plots"))
             say(f"plots: {len(paths)} PNG files in {os.path.join(cfg.out_dir, 'plots')}")
         except ImportError as e:
             say(f"plots skipped: {e} (pip install matplotlib)")
@@ -260,11 +273,50 @@ def run_suite(cfg: Config) -> Report:
     return report
 
 
+def run_model(cfg: Config, report: Report, env, say):
+    """The static sm_90 model (`bench.model`). On a CPU: every case of the `gpu` set, predicted for
+    the H200 and H100, into model.csv / model_launches.csv / model_summary.txt beside results.csv,
+    its targets quoted in the summary. On a GPU: measured / predicted for each case timed here."""
+    from . import lowering, model
+
+    why = lowering.available()
+    if why:
+        report.model_lines = ["", f"static sm_90 model not run: {why}"]
+        return
+    if cfg.device.startswith("cuda"):
+        say("static sm_90 model: predicting the cases timed here (the calibration) ...")
+        try:
+            rows, failures = model.calibrate(cfg.cases, report.rows, env["device"], env)
+        except ValueError as e:   # a GPU the model has no constants for
+            report.model_lines = ["", f"static sm_90 model not run: {e}"]
+            return
+        report.rows += rows
+        ratios = sorted(float(r["p50"]) for r in rows if r["metric"] == "measured_over_predicted")
+        lines = ["", f"Static model calibration ({model.LABEL} for the predictions): measured / predicted over "
+                     f"{len(ratios)} case x provider pairs"
+                     + (f": min {ratios[0]:.2f}, median {ratios[len(ratios) // 2]:.2f}, max {ratios[-1]:.2f}"
+                        if ratios else "") + " (metric measured_over_predicted in results.csv)"]
+        lines += [f"  not modelled: {label} / {p}: {why}" for label, p, why in failures]
+        report.model_lines = lines
+        return
+    say("static sm_90 model: every gpu case on the H200 and H100 (compiles each launch once, cached) ...")
+    model.run(out_dir=cfg.out_dir, say=lambda *a: None)
+    with open(os.path.join(cfg.out_dir, "model_summary.txt")) as f:
+        text = f.read()
+    targets = text[text.index("Targets on H200"):].split("\n\n")[0] if "Targets on H200" in text else ""
+    report.model_lines = ["", targets or "static sm_90 model: no targets in model_summary.txt",
+                          "(all cases: model.csv, model_launches.csv, model_summary.txt)"]
+
+
 def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
+    """Write the long-format CSV whole or not at all (a run cut by a time limit while rewriting it
+    keeps the previous complete file)."""
+    tmp = path + ".partial"
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
+    os.replace(tmp, path)
 
 
 def read_csv(path):
@@ -352,6 +404,7 @@ def summarize(cfg: Config, report: Report) -> str:
         text, _ = memory.format_table(report.memory_rows)
         lines += ["", text]
 
+    lines += report.model_lines
     if report.lowering_rows:
         from . import lowering
         lines += ["", lowering.summary(report.lowering_rows) + " Table: lowering.csv."]

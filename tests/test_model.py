@@ -103,6 +103,19 @@ with open(os.path.join(folder, "model_summary.txt")) as f:
     summary = f.read()
 out["not_modelled"] = summary.split("Not modelled")[1].split("\n\n")[0] if "Not modelled" in summary else ""
 out["has_targets"] = "Targets on H200" in summary
+
+# 5. the calibration a GPU run writes: measured / predicted for each timed case the model covers
+from bench.suite import _env, _row
+env = dict(_env("cpu"), device="NVIDIA H100 80GB HBM3")
+timed = [C.Case("qlora", "decode", 16, 4096, 4096, 16), C.Case("qlora", "forward", 4096, 4096, 4096, 16)]
+measured = [_row(env, c, p, "time", "ms", t) for c in timed for p, t in (("peft_ops", 0.05), ("torch", 0.25))]
+rows, failures = model.calibrate(timed + [C.Case("lora", "decode", 1, 64, 64, 4)], measured, env["device"], env)
+pairs = {{}}
+for r in rows:
+    pairs.setdefault((r["op"], r["M"], r["provider"]), {{}})[r["metric"]] = float(r["p50"])
+out["calibration"] = [[k[0], k[1], k[2], v["predicted_time"], v["measured_over_predicted"]] for k, v in sorted(pairs.items())]
+out["calibration_devices"] = sorted({{r["device"] for r in rows}})
+out["calibration_failures"] = failures
 print(json.dumps(out))
 """
 
@@ -177,3 +190,18 @@ def test_bitsandbytes_dispatch_is_its_own_decision():
     assert model._bnb_fused(torch.bfloat16, 1, 4096, 4096)
     assert model._bnb_fused(torch.bfloat16, 16, 14336, 4096)
     assert not model._bnb_fused(torch.bfloat16, 4096, 4096, 4096)
+
+
+def test_calibration_is_measured_over_predicted(child):
+    # Only the timed (case, provider) pairs, each with its prediction for the GPU the bench ran on
+    # (an H100 here) and measured / predicted from the measured median.
+    cal = child["calibration"]
+    assert [(op, M, p) for op, M, p, _, _ in cal] == [("qlora", 16, "peft_ops"), ("qlora", 16, "torch"),
+                                                      ("qlora", 4096, "peft_ops"), ("qlora", 4096, "torch")]
+    measured_ms = {"peft_ops": 0.05, "torch": 0.25}
+    for op, M, provider, predicted_us, ratio in cal:
+        assert predicted_us > 0
+        assert abs(ratio - measured_ms[provider] * 1e3 / predicted_us) <= 1e-4 * ratio
+    assert not child["calibration_failures"]
+    assert any("H100 SXM (static model)" in d for d in child["calibration_devices"])
+    assert any("(measured) / H100 SXM (static model)" in d for d in child["calibration_devices"])
