@@ -565,8 +565,10 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
     keep ⊙ x in x's dtype, exact (forward of DoRA with dropout needs it once, as a GEMM operand)."""
     M, K = x.shape
     R = a.shape[0]
-    # Rank chunks of 16 with the Philox state live, else 32; a program per chunk.
-    BLOCK_R = _rank_block(R, 16 if dropout else 32)
+    # Rank chunks of 32, a program per chunk: with dropout each chunk regenerates the mask of its
+    # x tiles, so fewer, wider chunks issue fewer Philox rounds. Writing keep ⊙ x as well, 32
+    # spills (sm_90): 16 there.
+    BLOCK_R = _rank_block(R, 16 if write_xd else 32)
     precision = _shrink_precision(x)
     if interpreting():
         BLOCK_M, BLOCK_K = min(64, _pow2(M)), min(128, _pow2(K))
@@ -709,18 +711,20 @@ def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, scale=1.0, factor=None, split
             BLOCK_M, long = (32 if dropout else 128), 64
         else:
             BLOCK_M, long = (16 if precision == "ieee" else 32 if dropout else 64), 128
-        if P <= Q:
-            BLOCK_P, BLOCK_Q = 16, min(long, _pow2(Q))
+        if P <= Q:   # dA = gbᵀ drop(x): each rank tile regenerates the mask of x, so 32 with dropout
+            BLOCK_P, BLOCK_Q = (min(32, _pow2(P)) if dropout else 16), min(long, _pow2(Q))
         else:
             BLOCK_P, BLOCK_Q = min(long, _pow2(P)), 16
     # the long side of the tile as the tensor core's M dimension (dA = gbᵀ x is r x K)
     swap = P < Q
     tiles = triton.cdiv(P, BLOCK_P) * triton.cdiv(Q, BLOCK_Q)
     if split_m is None:
-        # split M (and sum the splits after) only when the tiles alone leave most SMs idle
+        # split M (and sum the splits after) only when the tiles alone leave most SMs idle; with
+        # dropout a tile is bound by issuing the mask's Philox rounds, so until every SM has one
         sms = _sm_count(lhs.device)
-        split_m = 1 if interpreting() or 4 * tiles >= sms else max(1, min(triton.cdiv(2 * sms, tiles),
-                                                                            triton.cdiv(M, 4 * BLOCK_M)))
+        busy = tiles if dropout else 4 * tiles
+        split_m = 1 if interpreting() or busy >= sms else max(1, min(triton.cdiv(2 * sms, tiles),
+                                                                       triton.cdiv(M, 4 * BLOCK_M)))
     m_per_split = triton.cdiv(triton.cdiv(M, split_m), BLOCK_M) * BLOCK_M
     split_m = triton.cdiv(M, m_per_split)
     out = torch.empty((split_m, P, Q), dtype=torch.float32, device=lhs.device)

@@ -200,7 +200,7 @@ def test_nf4_row_aligned_blocks(backend, blocksize):
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("nf4", [False, True])
 def test_rank_spans_several_chunks(backend, nf4, p):
-    # The rank loops walk r in chunks of 16 (32 in the shrink without dropout): r = 40 ends each
+    # The rank loops walk r in chunks of 16 (32 in the shrink and in dA with dropout): r = 40 ends each
     # of them on a partial chunk, in every kernel, with and without dropout.
     run_case(lead=(70,), N=23, K=96, r=40, dtype=torch.float32, adapter_dtype=torch.float32,
              nf4=nf4, dora=True, bias=True, p=p)
