@@ -566,9 +566,8 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
     M, K = x.shape
     R = a.shape[0]
     # Rank chunks of 32, a program per chunk: with dropout each chunk regenerates the mask of its
-    # x tiles, so fewer, wider chunks issue fewer Philox rounds. Writing keep ⊙ x as well, 32
-    # spills (sm_90): 16 there.
-    BLOCK_R = _rank_block(R, 16 if write_xd else 32)
+    # x tiles, so fewer, wider chunks issue fewer Philox rounds.
+    BLOCK_R = _rank_block(R, 32)
     precision = _shrink_precision(x)
     if interpreting():
         BLOCK_M, BLOCK_K = min(64, _pow2(M)), min(128, _pow2(K))
@@ -578,7 +577,8 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
     else:
         # tensor-core products: a longer K step; the Philox state takes the room of half the rows,
         # and of half the K step when keep ⊙ x is written too
-        BLOCK_M = 16 if M <= 16 else 32 if dropout else 64
+        # writing keep ⊙ x too, 32 ranks fit beside 16 rows (32 rows spill)
+        BLOCK_M = 16 if M <= 16 or (write_xd and BLOCK_R > 16) else 32 if dropout else 64
         BLOCK_K = 32 if write_xd else 64 if dropout or precision != "bf16x3" else 128
     if split_k is None:
         # Few row tiles (M up to a couple of thousand) would leave most SMs idle: split K as well,
