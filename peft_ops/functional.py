@@ -135,7 +135,9 @@ class DoraLinearFunction(torch.autograd.Function):
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout, seed):
+def _check_x_and_weight(x, weight, op="lora_linear"):
+    """The checks of x and the base weight that `lora_linear` and `lora_linear_multi` (`op`, named
+    in the messages) share; returns the weight's device (compared with x's by the caller)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
@@ -149,7 +151,7 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout, seed):
             raise TypeError(f"weight: dense weight dtype {weight.dtype} must equal x's dtype {x.dtype} "
                             "(quantize it to an NF4Weight to mix dtypes)")
         if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError("weight: the base weight is frozen in lora_linear (it gets no gradient), but "
+            raise ValueError(f"weight: the base weight is frozen in {op} (it gets no gradient), but "
                              "it requires grad; call weight.requires_grad_(False) or train it elsewhere")
         w_device = weight.device
     elif all(hasattr(weight, a) for a in ("packed", "shape", "blocksize", "dequantize")):
@@ -161,6 +163,12 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout, seed):
         raise ValueError(f"weight: expected in_features K >= 1, got shape {tuple(weight.shape)}")
     if x.shape[-1] != K:
         raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's in_features {K}")
+    return w_device
+
+
+def _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout, seed):
+    w_device = _check_x_and_weight(x, weight)
+    N, K = weight.shape
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D tensor")
@@ -358,7 +366,21 @@ def scaling_key(scaling):
     return ("tensor", tensor_key(scaling)) if isinstance(scaling, torch.Tensor) else ("number", float(scaling))
 
 
-class DoraNormCache:
+class EmptyOnCopy:
+    """A cache that a copy (deepcopy, pickle) of the module holding it starts empty: what it keeps
+    is derived from tensors the copy has its own of. Subclasses define `clear()`."""
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.clear()
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+
+class DoraNormCache(EmptyOnCopy):
     """DoRA's row norm n = ‖W + s·B A‖ (clamped at `reference.DORA_EPS`) and m/n of one adapter
     over one base weight, kept between calls without grad.
 
@@ -397,16 +419,6 @@ class DoraNormCache:
         if mn_key != self._mn_key:
             self._mn, self._mn_key = magnitude.detach().float() / self._norm, mn_key
         return self._norm, self._mn
-
-    # A copy (deepcopy, pickle) of a module holding a cache starts with an empty one.
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.clear()
-
-    def __deepcopy__(self, memo):
-        return type(self)()
 
 
 def dora_norm(weight, lora_A, lora_B, scaling):

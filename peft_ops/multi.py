@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from . import _library as lib
 from . import ops
-from .functional import (_FLOATS, DoraNormCache, _check_seed, _draw_seed, cached_norms_allowed, dora_norm,
-                         scaling_key, tensor_key, warn_once)
+from .functional import (_FLOATS, DoraNormCache, EmptyOnCopy, _check_seed, _check_x_and_weight, _draw_seed,
+                         cached_norms_allowed, dora_norm, scaling_key, tensor_key, warn_once)
 from .kernels import multi_lora as _ml
 
 __all__ = ["lora_linear_multi", "MultiAdapterCache", "BASE"]
@@ -403,7 +403,7 @@ class MultiLoraLinearFunction(torch.autograd.Function):
 # the cache a layer keeps between calls without grad
 # ---------------------------------------------------------------------------------------------
 
-class MultiAdapterCache:
+class MultiAdapterCache(EmptyOnCopy):
     """What a layer keeps between calls of `lora_linear_multi` (or `lora_linear`) without grad:
     each DoRA adapter's row norm and m/n (a `DoraNormCache`, N floats each, keyed on what they
     depend on), the last few adapter tables (a few integers an adapter) and row indices. Never a
@@ -457,15 +457,6 @@ class MultiAdapterCache:
         else:
             self._index.move_to_end(key)
         return hit
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.clear()
-
-    def __deepcopy__(self, memo):
-        return type(self)()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,30 +535,10 @@ def _adapters_of(x, weight, lora_A, lora_B, scaling, magnitude):
 
 
 def _check_base(x, weight, bias, dropout, seed):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x: expected shape [..., K], got a 0-d tensor")
-    if isinstance(weight, torch.Tensor):
-        if weight.dim() != 2:
-            raise ValueError(f"weight: expected a 2-D [N, K] tensor, got shape {tuple(weight.shape)}")
-        if weight.dtype != x.dtype:
-            raise TypeError(f"weight: dense weight dtype {weight.dtype} must equal x's dtype {x.dtype}")
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError("weight: the base weight is frozen in lora_linear_multi (it gets no gradient), but "
-                             "it requires grad; call weight.requires_grad_(False)")
-        w_device = weight.device
-    elif all(hasattr(weight, a) for a in ("packed", "shape", "blocksize", "dequantize")):
-        w_device = weight.packed.device
-    else:
-        raise TypeError(f"weight: expected a dense [N, K] tensor or an NF4Weight, got {type(weight).__name__}")
+    w_device = _check_x_and_weight(x, weight, "lora_linear_multi")
     if w_device != x.device:
         raise ValueError(f"weight: on {w_device}, but x is on {x.device}")
-    N, K = weight.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's in_features {K}")
+    N = weight.shape[0]
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,) or bias.dtype not in _FLOATS:
             raise ValueError(f"bias: expected a float tensor of shape [{N}]")
