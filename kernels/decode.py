@@ -40,6 +40,16 @@ MAX_M = 64   # rows of x the swapped GEMM takes (its N dimension)
 
 
 @triton.jit
+def operand_k_order(BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
+    """kperm [BLOCK_K]: the K index each column L of a table-lookup tile holds in the operand
+    order `lut_tile` decodes in. L = 64 wpt + 32 j2 + 16 j1 + 4 q + j0, read from its bits:
+    (j0, q, j1, j2, wpt) = bits (0, 1-2, 3, 4, 5-6), which is where the A operand of an m64nNk16
+    MMA has lane q's values of a row (k = 16 c + 8 h + 2 q + b)."""
+    L = tl.arange(0, BLOCK_K)
+    return 8 * (((L >> 1) & 3) * (WORDS // 4) + (L >> 5)) + (L & 1) + 2 * ((L >> 3) & 1) + 4 * ((L >> 4) & 1)
+
+
+@triton.jit
 def _rows(row0, BLOCK_N: tl.constexpr):
     """Row indices [BLOCK_N // 16 (i), 8 (g), 1, 1]: rows row0 + 16 i + g of a 16-row group's
     first half (the second half is `_rows(row0 + 8)`)."""
@@ -89,7 +99,7 @@ def lut_tile(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, 
 
     Returned as (w, w · f) with f the factor `factor_ptr[row]` of each row when FACTOR, else
     (w, w). The tile's logical columns are in the order the register A operand of the tensor core
-    wants (column L holds K index `kperm[L]`, see `_decode_linear_kernel`) or, NATURAL, in K order
+    wants (column L holds K index `kperm[L]`, see `operand_k_order`) or, NATURAL, in K order
     (for a tile that goes to shared memory as a wgmma operand)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     word = tl.join(_words(words_ptr, rows_lo, kw, row_words, WORDS),
@@ -147,11 +157,7 @@ def _decode_linear_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     table = tl.load(code_ptr + tl.arange(0, 16))
-    # The tile's logical column L = 64 wpt + 32 j2 + 16 j1 + 4 q + j0 ... read from its bits below:
-    # (j0, q, j1, j2, wpt) = bits (0, 1-2, 3, 4, 5-6), which is where the A operand of an m64nNk16
-    # MMA has lane q's values of a row (k = 16 c + 8 h + 2 q + b). It holds K index kperm[L].
-    L = tl.arange(0, BLOCK_K)
-    kperm = 8 * (((L >> 1) & 3) * (WORDS // 4) + (L >> 5)) + (L & 1) + 2 * ((L >> 3) & 1) + 4 * ((L >> 4) & 1)
+    kperm = operand_k_order(BLOCK_K, WORDS)   # column L of the decoded tile holds K index kperm[L]
     words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
     rows_lo = _rows(row0, BLOCK_N)
     rows_hi = _rows(row0 + 8, BLOCK_N)

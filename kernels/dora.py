@@ -13,7 +13,7 @@ import triton.language as tl
 from . import decode as _decode
 from . import lora as _lora
 from ._config import interpreting
-from .decode import _rows, lut_tile
+from .decode import _rows, lut_tile, operand_k_order
 from .dropout import round_to
 from .lora import _ROUND, _nf4_blocksize, _pow2, _rank_block, rank_product, weight_args, weight_tile
 from .nf4 import stats_args
@@ -87,8 +87,7 @@ def _row_norm_lut_kernel(
     row0 = tl.minimum(pid_n * BLOCK_N, N - BLOCK_N)   # the last tile ends at row N
     offs_n = row0 + tl.arange(0, BLOCK_N)
     table = tl.load(code_ptr + tl.arange(0, 16))
-    L = tl.arange(0, BLOCK_K)
-    kperm = 8 * (((L >> 1) & 3) * (WORDS // 4) + (L >> 5)) + (L & 1) + 2 * ((L >> 3) & 1) + 4 * ((L >> 4) & 1)
+    kperm = operand_k_order(BLOCK_K, WORDS)   # the decoded tile's column order (`lut_tile`)
     words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
     rows_lo = _rows(row0, BLOCK_N)
     rows_hi = _rows(row0 + 8, BLOCK_N)

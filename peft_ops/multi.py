@@ -437,25 +437,22 @@ class MultiAdapterCache(EmptyOnCopy):
 
     def tables(self, As, Bs, mns, scalings, device):
         """(adapter table, scalings) on `device`, reused while addresses, ranks and scalings stay."""
-        key = table_key(As, Bs, mns, scalings)
-        hit = self._tables.get(key)
-        if hit is None:
-            hit = self._tables[key] = (adapter_table(As, Bs, mns, device), scale_table(scalings, device))
-            while len(self._tables) > self._TABLES:
-                self._tables.popitem(last=False)
-        else:
-            self._tables.move_to_end(key)
-        return hit
+        return self._lookup(self._tables, table_key(As, Bs, mns, scalings),
+                            lambda: (adapter_table(As, Bs, mns, device), scale_table(scalings, device)))
 
     def index(self, key, build):
         """A row-index tensor for `key` (e.g. the adapter names of a batch and x's shape)."""
-        hit = self._index.get(key)
+        return self._lookup(self._index, key, build)
+
+    def _lookup(self, entries, key, build):
+        """entries[key], built on a miss; the least recently used entries beyond `_TABLES` go."""
+        hit = entries.get(key)
         if hit is None:
-            hit = self._index[key] = build()
-            while len(self._index) > self._TABLES:
-                self._index.popitem(last=False)
+            hit = entries[key] = build()
+            while len(entries) > self._TABLES:
+                entries.popitem(last=False)
         else:
-            self._index.move_to_end(key)
+            entries.move_to_end(key)
         return hit
 
 
