@@ -26,7 +26,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._config import interpreting, store_dtype
 from .decode import _rows, lut_tile
-from .dropout import dropout_scale, round_to
+from .dropout import dropout_scale, keep_threshold, round_to
 from .lora import _ROUND, _dot_args, _forward_epilogue, _pow2, _rank_block, grouped_pid, rank_product
 from .nf4 import nf4_dequantize_cols, nf4_dequantize_rows, stats_args
 
@@ -141,7 +141,7 @@ def _gemm_dx_kernel(
         inner = rank_product(acc2, gb_ptr, stride_gbm, 1, a_ptr, stride_ar, stride_ak, offs_m, offs_k,
                              mask_m, mask_k, R, scaling, RANK_PRECISION, BLOCK_R)
         # the mask of element (m, k) of the full [M, K] input, whichever chunk this is
-        dx = acc + inner * dropout_scale(seed, offs_m[:, None] * K + offs_k[None, :], p, inv_keep)
+        dx = acc + inner * dropout_scale(seed, offs_m, k0 + col, keep_threshold(p), inv_keep, BLOCK_K)
     else:
         dx = rank_product(acc + acc2, gb_ptr, stride_gbm, 1, a_ptr, stride_ar, stride_ak, offs_m, offs_k,
                           mask_m, mask_k, R, scaling, RANK_PRECISION, BLOCK_R)

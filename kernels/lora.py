@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._config import dot_dtype, interpreting, store_dtype
-from .dropout import dropout_scale, round_to
+from .dropout import dropout_scale, keep_mask, keep_threshold, round_to
 from .nf4 import nf4_tile, stats_args
 
 
@@ -187,7 +187,7 @@ def _lora_shrink_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
         if DROPOUT:
             # keep ⊙ x, exact in x's dtype; the 1/(1-p) goes on the fp32 result
-            x = tl.where(dropout_scale(seed, offs_m[:, None] * K + offs_k[None, :], p, inv_keep) > 0, x, 0.0)
+            x = tl.where(keep_mask(seed, offs_m, k0, keep_threshold(p), BLOCK_K), x, 0.0)
             if WRITE_XD:
                 if pid_r == 0:
                     tl.store(xd_ptr + offs_m[:, None] * stride_xdm + offs_k[None, :],
@@ -343,7 +343,7 @@ def _fused_linear_dx_kernel(
     if DROPOUT:
         inner = rank_product(acc2, gb_ptr, stride_gbm, 1, a_ptr, stride_ar, stride_ak, offs_m, offs_k,
                              mask_m, mask_k, R, scaling, RANK_PRECISION, BLOCK_R)
-        dx = acc + inner * dropout_scale(seed, offs_m[:, None] * K + offs_k[None, :], p, inv_keep)
+        dx = acc + inner * dropout_scale(seed, offs_m, pid_k * BLOCK_K, keep_threshold(p), inv_keep, BLOCK_K)
     else:
         if SECOND:
             acc += acc2
@@ -389,7 +389,7 @@ def _outer_reduce_kernel(
         rhs = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_q[None, :] * stride_rq,
                       mask=mask_m[:, None] & mask_q[None, :], other=0.0)
         if DROPOUT:
-            rhs = tl.where(dropout_scale(seed, offs_m[:, None] * Q + offs_q[None, :], p, inv_keep) > 0, rhs, 0.0)
+            rhs = tl.where(keep_mask(seed, offs_m, pid_q * BLOCK_Q, keep_threshold(p), BLOCK_Q), rhs, 0.0)
         if SWAP:
             left, right = tl.trans(rhs), lhs
         else:

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from . import lora as _lora
 from ._config import interpreting, store_dtype
-from .dropout import dropout_scale
+from .dropout import dropout_scale, keep_threshold
 from .lora import _pow2, _rank_block, _rank_precision, rank_product
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -169,7 +169,7 @@ def _multi_shrink_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
         x = x.to(tl.float32)
         if DROPOUT:
-            d = dropout_scale(seed, rows[:, None] * K + offs_k[None, :], p, inv_keep)
+            d = dropout_scale(seed, rows, k0, keep_threshold(p), inv_keep, BLOCK_K)
             if WRITE_XD:
                 if pid_r == 0:
                     # keep ⊙ x, exact in x's dtype; the 1/(1-p) goes on the fp32 GEMM result.
@@ -267,7 +267,7 @@ def _multi_dx_expand_kernel(
             inner = rank_product(inner, gb_ptr, stride_gbm, 1, a_e, K, 1, rows, offs_k, sel, mask_k, r_e, s_e,
                                  RANK_PRECISION, BLOCK_R)
     if DROPOUT:
-        dx = acc + inner * dropout_scale(seed, rows[:, None] * K + offs_k[None, :], p, inv_keep)
+        dx = acc + inner * dropout_scale(seed, rows, tl.program_id(1) * BLOCK_K, keep_threshold(p), inv_keep, BLOCK_K)
     else:
         dx = inner
     tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -314,7 +314,7 @@ def _segment_outer_reduce_kernel(
         rhs = tl.load(r_ptr + rows[:, None] * stride_rm + offs_q[None, :] * stride_rq,
                       mask=mask_m[:, None] & mask_q[None, :], other=0.0).to(tl.float32)
         if DROPOUT:
-            rhs = rhs * dropout_scale(seed, rows[:, None] * Q + offs_q[None, :], p, inv_keep)
+            rhs = rhs * dropout_scale(seed, rows, pid_q * BLOCK_Q, keep_threshold(p), inv_keep, BLOCK_Q)
         acc += tl.dot(tl.trans(lhs), rhs, input_precision=PRECISION)
     tl.store(out_ptr + split * stride_os + e * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :], acc,
              mask=mask_p[:, None] & mask_q[None, :])

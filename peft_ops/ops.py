@@ -30,16 +30,15 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Dropout: Triton's Philox stream (tl.rand) reproduced in PyTorch
+# Dropout: the kernels' Philox stream (`tl.randint4x`, four decisions a call) reproduced in PyTorch
 # ---------------------------------------------------------------------------------------------
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
-_UNIFORM_SCALE = 4.6566127342e-10   # tl.rand's uniform: (x < 0 ? ~x : x) * this, in fp32, for int32 x
 
 # Counters per pass. Ten rounds of about ten int64 passes each run over one chunk, which stays in
-# cache; at 2¹⁵ elements (torch's grain size) each pass runs on the calling thread. Larger passes
+# cache; at 2¹⁵ counters (torch's grain size) each pass runs on the calling thread. Larger passes
 # are parallel regions, and on a busy 2-core machine each region can wait a scheduler time slice
 # for its second thread: a 1024 x 704 mask took 4 s in passes of 2¹⁶ and 0.05 s in passes of 2¹⁵.
 _CHUNK = 1 << 15
@@ -69,79 +68,65 @@ def _hi_xor(prod, carried, key):
     return word.bitwise_and_(_MASK32)
 
 
-def _philox_rounds(seed: int, c0: torch.Tensor, c1=0) -> torch.Tensor:
-    """First 32-bit output of Philox4x32-10 (Triton's `randint`) for counters (c0, c1, 0, 0) and
-    key `seed`, as exact uint32 values in an int64 tensor.
+def _philox4(seed: int, c0: torch.Tensor, c1=0):
+    """The four 32-bit outputs of Philox4x32-10 (Triton's `randint4x`) for counters (c0, c1, 0, 0)
+    and key `seed`, as exact uint32 values in int64 tensors.
 
     c0: uint32 words in an int64 tensor (overwritten); c1: the same, or an int when every counter
-    shares it (0 for offsets below 2³²). uint32 words are held in int64: an int64 product of two
+    shares it (0 for counters below 2³²). uint32 words are held in int64: an int64 product of two
     such words wraps modulo 2⁶⁴, which leaves exactly the 64 bits of the unsigned product (the
     high word is bits 32..63). Words that are the same for every counter stay Python ints, so
     the first two rounds, whose inputs are mostly the zero words, cost a few passes instead of ten."""
     c2 = c3 = 0
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for i in range(10):
-        prod_b = _mul(c2, _ROUND_B)
-        if i == 9:
-            return _hi_xor(prod_b, c1, k0)          # the output word c0 needs nothing more
-        prod_a = _mul(c0, _ROUND_A)
+    for _ in range(10):
+        prod_b, prod_a = _mul(c2, _ROUND_B), _mul(c0, _ROUND_A)
         c0, c2 = _hi_xor(prod_b, c1, k0), _hi_xor(prod_a, c3, k1)
         c1, c3 = prod_b, prod_a
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return c0, c1.bitwise_and_(_MASK32), c2, c3.bitwise_and_(_MASK32)
 
 
-def _philox_words(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """int32 `randint(seed, offsets)` for int64 `offsets` (any shape, flattened)."""
-    flat = offsets.reshape(-1).to(torch.int64)
-    out = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
+def _philox4_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """int32 [n, 4]: the four words of `randint4x(seed, counters)` for int64 `counters` (flattened)."""
+    flat = counters.reshape(-1).to(torch.int64)
+    out = torch.empty((flat.numel(), 4), dtype=torch.int32, device=flat.device)
     for start in range(0, flat.numel(), _CHUNK):
         chunk = flat[start:start + _CHUNK]
         c1 = (chunk >> 32).bitwise_and_(_MASK32)
-        out[start:start + _CHUNK] = _philox_rounds(seed, chunk & _MASK32, c1 if c1.any() else 0)
-    return out   # the copy into int32 keeps the low 32 bits, reinterpreted as signed
+        words = _philox4(seed, chunk & _MASK32, c1 if c1.any() else 0)
+        out[start:start + _CHUNK] = torch.stack(words, dim=1)   # int32 keeps the low 32 bits
+    return out
 
 
-def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """fp32 U[0, 1) equal bit for bit to `tl.rand(seed, offsets)` for int64 `offsets`."""
-    x = _philox_words(seed, offsets)
-    x = torch.where(x < 0, ~x, x)
-    u = x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
-    return u.reshape(offsets.shape)
-
-
-@functools.lru_cache(maxsize=64)
-def _keep_threshold(p: float) -> int:
-    """The least y in [0, 2³¹] with fp32(y) · 4.6566127342e-10 >= p in fp32 (2³¹: none).
-
-    `tl.rand(seed, i) >= p` is monotone in y = (x < 0 ? ~x : x) for its int32 word x, so it
-    holds exactly when y >= this threshold; for the same word as uint32 u that reads
-    threshold <= u <= 2³² - 1 - threshold (negative x are the u above 2³¹, with ~x = 2³² - 1 - u)."""
-    scale, p32 = torch.tensor(_UNIFORM_SCALE, dtype=torch.float32), torch.tensor(p, dtype=torch.float32)
-    lo, hi = 0, 2 ** 31
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if torch.tensor(mid, dtype=torch.int32).to(torch.float32) * scale >= p32:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+def keep_threshold(p: float) -> int:
+    """floor(fp32(p) · 2²⁴), as the kernels compute it: an element is kept when the top 24 bits
+    of its Philox word are at least this (0 keeps all; 2²⁴, at p = 1, keeps none)."""
+    return int(float(torch.tensor(float(p), dtype=torch.float32)) * (1 << _dropout.THRESHOLD_BITS))
 
 
 def dropout_keep(seed: int, shape, p: float, device=None) -> torch.Tensor:
-    """bool keep mask of a LoRA input of `shape` (flattened to [M, K] row-major) for the twins:
-    element i is kept when `tl.rand(seed, i) >= p`, as the fused kernels decide, so the twins draw
-    the kernels' masks. Regenerated by every op that needs it, never stored."""
+    """bool keep mask of a LoRA input of `shape` (flattened to [M, K], K its last dim), drawn as
+    the fused kernels draw it (`kernels/dropout.py`): element (m, k) is word k % 4 of Philox at
+    the counter (k // 4, m, 0, 0), kept when that word >> 8 is at least `keep_threshold(p)`.
+    Regenerated by every op that needs it, never stored."""
     numel = math.prod(shape)
-    low = _keep_threshold(float(p))
-    high = _MASK32 - low
-    keep = torch.empty(numel, dtype=torch.bool, device=device)
-    for start in range(0, numel, _CHUNK):
-        stop = min(numel, start + _CHUNK)
+    if numel == 0:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    K = shape[-1]
+    M, groups = numel // K, -(-K // 4)
+    threshold = keep_threshold(p)
+    count = M * groups
+    keep = torch.empty((count, 4), dtype=torch.bool, device=device)
+    for start in range(0, count, _CHUNK):
+        stop = min(count, start + _CHUNK)
         index = torch.arange(start, stop, dtype=torch.int64, device=device)
-        u = _philox_rounds(seed, index, 0) if stop <= 2 ** 32 else _philox_rounds(seed, index & _MASK32, index >> 32)
-        torch.ge(u, low, out=keep[start:stop])
-        keep[start:stop] &= u <= high
-    return keep.view(shape)
+        row = torch.div(index, groups, rounding_mode="floor")
+        words = _philox4(seed, index.sub_(row * groups), row)      # counters (k // 4, m, 0, 0)
+        for j, w in enumerate(words):
+            torch.ge(w.bitwise_right_shift_(32 - _dropout.THRESHOLD_BITS), threshold, out=keep[start:stop, j])
+    keep = keep.view(M, groups * 4)
+    return (keep if groups * 4 == K else keep[:, :K].contiguous()).view(shape)
 
 
 def dropout_scale(seed: int, shape, p: float, device) -> torch.Tensor:

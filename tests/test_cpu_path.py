@@ -7,6 +7,8 @@ emulates bf16 GEMMs (slowly, with the same arithmetic: exact products, fp32 sums
 rounded once to bf16), so forcing `bf16` checks their numerics on any CPU.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -36,46 +38,56 @@ def twin(monkeypatch):
 # --- Philox and dropout masks --------------------------------------------------------------------
 
 @triton.jit
-def _randint_kernel(seed, offsets_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _randint4x_kernel(seed, counters_ptr, out_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offsets = tl.load(offsets_ptr + i, mask=i < n, other=0)
-    tl.store(out_ptr + i, tl.randint(seed, offsets), mask=i < n)
+    counters = tl.load(counters_ptr + i, mask=i < n, other=0)
+    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    tl.store(out_ptr + 4 * i, w0, mask=i < n)
+    tl.store(out_ptr + 4 * i + 1, w1, mask=i < n)
+    tl.store(out_ptr + 4 * i + 2, w2, mask=i < n)
+    tl.store(out_ptr + 4 * i + 3, w3, mask=i < n)
 
 
-def triton_randint(seed, offsets):
-    out = torch.empty(offsets.shape, dtype=torch.int32)
-    _randint_kernel[(triton.cdiv(offsets.numel(), 256),)](seed, offsets, out, offsets.numel(), BLOCK=256)
+def triton_randint4x(seed, counters):
+    out = torch.empty((counters.numel(), 4), dtype=torch.int32)
+    _randint4x_kernel[(triton.cdiv(counters.numel(), 256),)](seed, counters, out, counters.numel(), BLOCK=256)
     return out
 
 
-@pytest.mark.skipif(not _config.interpreting(), reason="compares with tl.randint in Triton's interpreter")
+@pytest.mark.skipif(not _config.interpreting(), reason="compares with tl.randint4x in Triton's interpreter")
 @pytest.mark.parametrize("seed", [0, 2024, -7, 2**63 - 1, -(2**63), 0x1234_5678_9ABC])
-def test_philox_words_equal_triton_randint(seed):
-    # Offsets past 2³² use the counter's second word; the seed's upper half is the key's second word.
-    offsets = torch.cat([torch.arange(1000), torch.tensor([2**31 - 1, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**62])])
-    assert torch.equal(ops._philox_words(seed, offsets), triton_randint(seed, offsets))
+def test_philox_words_equal_triton_randint4x(seed):
+    # Counters past 2³² use the counter's second word; the seed's upper half is the key's second word.
+    counters = torch.cat([torch.arange(1000), torch.tensor([2**31 - 1, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**62])])
+    assert torch.equal(ops._philox4_words(seed, counters), triton_randint4x(seed, counters))
 
 
-@pytest.mark.parametrize("p", [0.0, 1e-9, 0.05, 0.3, 0.5, 0.999, 0.9999999])
-def test_dropout_keep_is_the_uniform_compared_with_p(monkeypatch, p):
-    # The integer threshold must decide exactly as tl.rand(seed, i) >= p in fp32 does, with the
-    # mask drawn over several chunks (a chunk boundary inside a row).
+@pytest.mark.parametrize("p", [0.0, 1e-9, 0.05, 0.3, 0.5, 0.999, 0.9999999, 1.0])
+@pytest.mark.parametrize("shape", [(37, 1001), (3, 5, 12), (130, 2), (1, 1)])
+def test_dropout_keep_is_the_word_compared_with_the_threshold(monkeypatch, p, shape):
+    # Element (m, k) is word k % 4 of randint4x at m · 2³² + k // 4 (the counter (k // 4, m, 0, 0)),
+    # kept when word >> 8 is at least floor(fp32(p) · 2²⁴): drawn here element by element from the
+    # words, against the twin's mask drawn over several chunks (a chunk boundary inside a row;
+    # rows of K % 4 != 0).
     monkeypatch.setattr(ops, "_CHUNK", 4096)
+    K = shape[-1]
+    m, k = torch.meshgrid(torch.arange(math.prod(shape) // K), torch.arange(K), indexing="ij")
+    threshold = math.floor(float(torch.tensor(p, dtype=torch.float32).double()) * 2**24)
+    assert ops.keep_threshold(p) == threshold
     for seed in (3, -11):
-        u = ops.philox_uniform(seed, torch.arange(37 * 1001))
-        keep = ops.dropout_keep(seed, (37, 1001), p)
-        assert keep.dtype == torch.bool and keep.shape == (37, 1001)
-        assert torch.equal(keep, (u >= torch.tensor(p, dtype=torch.float32)).reshape(37, 1001))
+        words = ops._philox4_words(seed, ((m << 32) + k // 4).reshape(-1))
+        word = words.gather(1, (k % 4).reshape(-1, 1)).reshape(-1).to(torch.int64) & 0xFFFFFFFF
+        keep = ops.dropout_keep(seed, shape, p)
+        assert keep.dtype == torch.bool and keep.shape == shape
+        assert torch.equal(keep.reshape(-1), (word >> 8) >= threshold)
 
 
 def test_keep_threshold_edges():
-    scale = torch.tensor(4.6566127342e-10, dtype=torch.float32)
-    for p in (1e-6, 0.05, 0.5, 0.75):
-        t = ops._keep_threshold(p)
-        u = lambda y: torch.tensor(y, dtype=torch.int32).float() * scale   # noqa: E731
-        assert u(t) >= torch.tensor(p, dtype=torch.float32) > u(t - 1)
-    assert ops._keep_threshold(0.0) == 0
-    assert ops._keep_threshold(1.0) == 2**31   # the uniform never reaches 1: nothing kept
+    assert ops.keep_threshold(0.0) == 0                  # everything kept
+    assert ops.keep_threshold(1.0) == 2**24              # the top 24 bits never reach 2²⁴: nothing kept
+    assert ops.keep_threshold(0.5) == 2**23
+    assert ops.keep_threshold(0.05) == 838860            # fp32(0.05) = 0.0500000007: floor(838860.8)
+    assert not ops.dropout_keep(1, (4, 9), 1.0).any() and ops.dropout_keep(1, (4, 9), 0.0).all()
 
 
 @pytest.mark.parametrize("dora", [False, True])
