@@ -65,20 +65,25 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def dot_split3(a, b, acc, FP32_LEFT: tl.constexpr, BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def dot_split3(a, b, acc, FP32_LEFT: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """acc + a · b at fp32 accuracy on the bf16 tensor cores ("bf16x3"), one operand holding bf16
     values (exact) and the other fp32 (`a` when FP32_LEFT, else `b`): the fp32 one is split into
-    three bf16 terms hi + mid + lo (24 significant bits, fp32's; bf16 has fp32's exponent range),
-    so every product is exact in the fp32 accumulator. The smallest terms go first. Half the
-    tensor-core time of "tf32x3", and the 16-bit tile stays as loaded."""
+    three bf16 terms hi + mid + lo whose sum is exact, so every product is exact in the fp32
+    accumulator. The smallest terms go first. Half the tensor-core time of "tf32x3", and the
+    16-bit tile stays as loaded.
+
+    The split truncates: hi keeps the top 8 significant bits (a mask of the fp32 bits), mid the
+    next 8 of the exact remainder, lo the last 8, each exact in bf16 (fp32's exponent range), so
+    no rounding conversion is needed and the interpreter's truncating casts (SPEC §5) are exact
+    too. Masks and subtractions issue on the integer and FMA pipes instead of conversions."""
     if FP32_LEFT:
         f32 = a
     else:
         f32 = b
-    hi = round_to(f32, 1, BITWISE_BF16)
+    hi = (f32.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
     rest = f32 - hi
-    mid = round_to(rest, 1, BITWISE_BF16)
-    lo = round_to(rest - mid, 1, BITWISE_BF16).to(DOT_DTYPE)
+    mid = (rest.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    lo = (rest - mid).to(DOT_DTYPE)
     hi = hi.to(DOT_DTYPE)
     mid = mid.to(DOT_DTYPE)
     if FP32_LEFT:
@@ -163,8 +168,7 @@ def _lora_shrink_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak, stride_os, stride_om, stride_xdm,
     # dropout on x
     seed, p, inv_keep,
-    DROPOUT: tl.constexpr, WRITE_XD: tl.constexpr, PRECISION: tl.constexpr,
-    BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DROPOUT: tl.constexpr, WRITE_XD: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[split] = drop(x)[:, split's K range] · A[:, same]ᵀ in fp32, one chunk of BLOCK_R ranks
@@ -195,7 +199,7 @@ def _lora_shrink_kernel(
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         if PRECISION == "bf16x3":
-            acc = dot_split3(x, tl.trans(a), acc, False, BITWISE_BF16, DOT_DTYPE)
+            acc = dot_split3(x, tl.trans(a), acc, False, DOT_DTYPE)
         else:
             acc += tl.dot(x.to(tl.float32), tl.trans(a), input_precision=PRECISION)
     if DROPOUT:
@@ -360,7 +364,7 @@ def _outer_reduce_kernel(
     stride_lm, stride_lp, stride_rm, stride_rq, stride_os, stride_op,
     seed, p, inv_keep, scale,
     DROPOUT: tl.constexpr, FACTOR: tl.constexpr, PRECISION: tl.constexpr, FP32_LEFT: tl.constexpr,
-    SWAP: tl.constexpr, BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    SWAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """out[split] = scale · f ⊙ Σ_m L[m, :]ᵀ R'[m, :] over the split's rows, fp32; R' = keep ⊙ R
@@ -395,7 +399,7 @@ def _outer_reduce_kernel(
         else:
             left, right = tl.trans(lhs), rhs
         if PRECISION == "bf16x3":
-            acc = dot_split3(left, right, acc, FP32_LEFT, BITWISE_BF16, DOT_DTYPE)
+            acc = dot_split3(left, right, acc, FP32_LEFT, DOT_DTYPE)
         else:
             acc = tl.dot(left.to(tl.float32), right.to(tl.float32), acc, input_precision=PRECISION)
     acc = acc * (scale * inv_keep if DROPOUT else scale)
@@ -575,19 +579,27 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
         # fp32 FMA products: a short K step, and fewer rows with the Philox state live.
         BLOCK_M, BLOCK_K = (16 if M <= 16 else 32 if dropout else 64), 32
     else:
-        # tensor-core products: a longer K step; the Philox state takes the room of half the rows,
-        # and of half the K step when keep ⊙ x is written too
-        # writing keep ⊙ x too, 32 ranks fit beside 16 rows (32 rows spill)
-        BLOCK_M = 16 if M <= 16 or (write_xd and BLOCK_R > 16) else 32 if dropout else 64
+        # tensor-core products: a longer K step; with dropout a shorter one for the Philox state,
+        # shorter still when keep ⊙ x is written too. 64 rows put the 4 warps along M, so each
+        # draws the mask of its own rows only (32 rows put 2 warps on one row block, both
+        # drawing its mask, and spill with keep ⊙ x).
+        BLOCK_M = 16 if M <= 16 else 64
         BLOCK_K = 32 if write_xd else 64 if dropout or precision != "bf16x3" else 128
     if split_k is None:
         # Few row tiles (M up to a couple of thousand) would leave most SMs idle: split K as well,
         # and sum the splits after. From a quarter of the SMs' worth of row tiles the one pass is
         # bound by HBM, or within the sum's launch of it (sm_90 lowering, `bench.model`).
+        # With dropout the pass is bound by issuing the mask's Philox, not by HBM: split K to
+        # about one wave of programs.
         row_tiles = triton.cdiv(M, BLOCK_M)
         sms = _sm_count(x.device)
-        split_k = 1 if interpreting() or 4 * row_tiles >= sms else max(1, min(
-            triton.cdiv(2 * sms, row_tiles), triton.cdiv(K, 4 * BLOCK_K), 32))
+        if interpreting():
+            split_k = 1
+        elif dropout:
+            split_k = max(1, min(round(sms / (row_tiles * triton.cdiv(R, BLOCK_R))), triton.cdiv(K, 4 * BLOCK_K), 32))
+        else:
+            split_k = 1 if 4 * row_tiles >= sms else max(1, min(
+                triton.cdiv(2 * sms, row_tiles), triton.cdiv(K, 4 * BLOCK_K), 32))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     split_k = triton.cdiv(K, k_per_split)
     out = torch.empty((split_k, M, R), dtype=torch.float32, device=x.device)
@@ -597,7 +609,7 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
         x, a, out, xd, M, K, R, k_per_split,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1), xd.stride(0),
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
-        DROPOUT=dropout > 0, WRITE_XD=write_xd, PRECISION=precision, BITWISE_BF16=interpreting(),
+        DROPOUT=dropout > 0, WRITE_XD=write_xd, PRECISION=precision,
         DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, num_warps=4,
         enable_fp_fusion=False,
     )
@@ -735,7 +747,7 @@ def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, scale=1.0, factor=None, split
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0, scale,
         DROPOUT=dropout > 0, FACTOR=factor is not None, PRECISION=precision, FP32_LEFT=bf16[0] == swap,
         SWAP=swap,
-        BITWISE_BF16=interpreting(), DOT_DTYPE=tl.bfloat16 if precision == "bf16x3" and not interpreting() else tl.float32,
+        DOT_DTYPE=tl.bfloat16 if precision == "bf16x3" and not interpreting() else tl.float32,
         BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, enable_fp_fusion=False,
     )
     return out[0] if split_m == 1 else out.sum(0)
