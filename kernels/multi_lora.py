@@ -36,9 +36,9 @@ import triton
 import triton.language as tl
 
 from . import lora as _lora
-from ._config import interpreting, store_dtype
-from .dropout import dropout_scale, keep_threshold
-from .lora import _pow2, _rank_block, _rank_precision, rank_product
+from ._config import dot_dtype, interpreting, store_dtype
+from .dropout import dropout_scale, keep_mask, keep_threshold
+from .lora import _pow2, _rank_block, _rank_precision, _shrink_precision, dot_split3, rank_product
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -143,13 +143,15 @@ def _multi_shrink_kernel(
     seed, p, inv_keep,
     OPERAND: tl.constexpr, A_DTYPE: tl.constexpr, DROPOUT: tl.constexpr, WRITE_XD: tl.constexpr,
     COL_SCALE: tl.constexpr, PERMUTED: tl.constexpr, ADAPTER_GRID: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[split, m] = drop(x[m]) · P_aᵀ over the split's K range, fp32, for each row's adapter a.
 
     OPERAND 0: P_a = A_a [r_a, K] (the forward shrink); OPERAND 1: P_a = B_aᵀ, read from B_a
     [K(=N), r_a] (the backward's gb = dy B_a), with COL_SCALE multiplying x by the adapter's m/n
-    over K first. Rows of no adapter, and ranks past an adapter's own, come out zero."""
+    over K first. Rows of no adapter, and ranks past an adapter's own, come out zero. With
+    PRECISION "bf16x3" (a bf16 x, no COL_SCALE) x feeds the tensor cores as loaded, keep ⊙ x
+    exact in it, and the 1/(1-p) goes on the fp32 sums (`dot_split3`)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_e = tl.program_id(2) // r_chunks      # the adapter, with ADAPTER_GRID
@@ -167,15 +169,15 @@ def _multi_shrink_kernel(
         mask_k = offs_k < K
         mask = mine[:, None] & mask_k[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-        x = x.to(tl.float32)
+        if PRECISION != "bf16x3":
+            x = x.to(tl.float32)
         if DROPOUT:
-            d = dropout_scale(seed, rows, k0, keep_threshold(p), inv_keep, BLOCK_K)
+            # keep ⊙ x, exact in x's dtype; the 1/(1-p) goes on the fp32 sums
+            x = tl.where(keep_mask(seed, rows, k0, keep_threshold(p), BLOCK_K), x, 0.0)
             if WRITE_XD:
                 if pid_r == 0:
-                    # keep ⊙ x, exact in x's dtype; the 1/(1-p) goes on the fp32 GEMM result.
                     tl.store(xd_ptr + rows[:, None] * stride_xdm + offs_k[None, :],
-                             tl.where(d > 0, x, 0.0).to(xd_ptr.dtype.element_ty), mask=mask)
-            x = x * d
+                             x.to(xd_ptr.dtype.element_ty), mask=mask)
         for e in range(first, last + 1):
             sel = mine & (idx == e)
             r_e = tl.load(table_ptr + 3 * E + e)
@@ -193,7 +195,12 @@ def _multi_shrink_kernel(
                     if mn_addr != 0:
                         c = tl.load(mn_addr.to(tl.pointer_type(tl.float32)) + offs_k, mask=mask_k, other=0.0)
                         xs = xs * c[None, :]
-                acc += tl.dot(xs, tl.trans(p_tile.to(tl.float32)), input_precision=PRECISION)
+                if PRECISION == "bf16x3":
+                    acc = dot_split3(xs, tl.trans(p_tile.to(tl.float32)), acc, False, DOT_DTYPE)
+                else:
+                    acc += tl.dot(xs, tl.trans(p_tile.to(tl.float32)), input_precision=PRECISION)
+    if DROPOUT:
+        acc = acc * inv_keep
     tl.store(out_ptr + pid_s * stride_os + rows[:, None] * stride_om + offs_r[None, :], acc,
              mask=mine[:, None] & (offs_r < R)[None, :])
 
@@ -362,7 +369,7 @@ def multi_shrink(x, table, idx, R, adapter_dtype, *, perm=None, operand="A", col
     M, K = x.shape
     E = table.shape[1]
     BLOCK_R = _rank_block(R, 16 if dropout else 32)
-    precision = _rank_precision(x)
+    precision = _rank_precision(x) if col_scale else _shrink_precision(x)
     if interpreting():
         BLOCK_M, BLOCK_K = min(64, _pow2(M)), min(128, _pow2(K))
     elif precision == "ieee":
@@ -387,7 +394,7 @@ def multi_shrink(x, table, idx, R, adapter_dtype, *, perm=None, operand="A", col
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
         OPERAND=0 if operand == "A" else 1, A_DTYPE=_TL[adapter_dtype], DROPOUT=dropout > 0,
         WRITE_XD=write_xd, COL_SCALE=col_scale, PERMUTED=perm is not None, ADAPTER_GRID=adapter_grid,
-        PRECISION=precision,
+        PRECISION=precision, DOT_DTYPE=dot_dtype(x.dtype),
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, num_warps=4, enable_fp_fusion=False,
     )
     xa = out[0] if split_k == 1 else out.sum(0)
