@@ -570,9 +570,9 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
     M, K = x.shape
     R = a.shape[0]
     # Rank chunks of 32, a program per chunk: with dropout each chunk regenerates the mask of its
-    # x tiles, so fewer, wider chunks issue fewer Philox rounds.
-    BLOCK_R = _rank_block(R, 32)
+    # x tiles, so with bf16x3 products 64 ranks share one (no spill beside 64 rows).
     precision = _shrink_precision(x)
+    BLOCK_R = _rank_block(R, 64 if dropout and precision == "bf16x3" else 32)
     if interpreting():
         BLOCK_M, BLOCK_K = min(64, _pow2(M)), min(128, _pow2(K))
     elif precision == "ieee":
@@ -724,7 +724,9 @@ def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, scale=1.0, factor=None, split
         else:
             BLOCK_M, long = (16 if precision == "ieee" else 32 if dropout else 64), 128
         if P <= Q:   # dA = gbᵀ drop(x): each rank tile regenerates the mask of x, so 32 with dropout
-            BLOCK_P, BLOCK_Q = (min(32, _pow2(P)) if dropout else 16), min(long, _pow2(Q))
+            # (64 with bf16x3 products)
+            BLOCK_P = min(64 if precision == "bf16x3" else 32, _pow2(P)) if dropout else 16
+            BLOCK_Q = min(long, _pow2(Q))
         else:
             BLOCK_P, BLOCK_Q = min(long, _pow2(P)), 16
     # the long side of the tile as the tensor core's M dimension (dA = gbᵀ x is r x K)

@@ -101,11 +101,13 @@ def test_16bit_gemms_use_tensor_cores(lowered):
 
 
 def test_rank_is_chunked(lowered):
-    # r = 256 must not turn into a 256-wide register tile: every rank block stays small.
+    # r = 256 must not turn into a 256-wide register tile: every rank block stays small (64 only
+    # with dropout beside bf16 x, where each rank block draws the mask again).
     import re
 
-    blocks = [int(m) for r in lowered["rows"] for m in re.findall(r"BLOCK_R=(\d+)", r["config"])]
-    assert blocks and max(blocks) <= 32
+    blocks = [(int(m), r["config"]) for r in lowered["rows"] for m in re.findall(r"BLOCK_R=(\d+)", r["config"])]
+    assert blocks and max(b for b, _ in blocks) <= 64
+    assert all(b <= 32 for b, config in blocks if "DROPOUT=True" not in config or "bf16x3" not in config), blocks
 
 
 def test_other_triton_compiles_and_fits(lowered, lowered_other):
