@@ -201,13 +201,29 @@ def operands(weight) -> WeightOperands:
     return WeightOperands(*weight_operands(weight))
 
 
+def plain_eager(*args) -> bool:
+    """True outside tracing (torch.compile, export) when every tensor among `args` is a plain
+    tensor or Parameter (no fake, functional or DTensor subclass): the ops' implementations may
+    then run directly."""
+    return not torch.compiler.is_compiling() and all(type(t) in _PLAIN for t in args if isinstance(t, Tensor))
+
+
 def _call(name, *args):
-    """Run op `name`: through the dispatcher when traced (torch.compile, export) or given tensor
-    subclasses (fake, functional, DTensor), else its implementation directly, sparing plain eager
-    calls the dispatcher's tens of microseconds (they matter at decode sizes)."""
-    if torch.compiler.is_compiling() or any(type(t) not in _PLAIN for t in args if isinstance(t, Tensor)):
+    """Run op `name`: through the dispatcher when traced or given tensor subclasses, else its
+    implementation directly, sparing plain eager calls the dispatcher's tens of microseconds
+    (they matter at decode sizes)."""
+    if not plain_eager(*args):
         return getattr(torch.ops.peft_ops, name)(*args)
     return _IMPLS[name](*args)
+
+
+def lora_inference(x, weight, lora_A, lora_B, scaling, bias=None) -> Tensor:
+    """LoRA's forward for plain eager tensors without grad: the ops themselves, spared the
+    autograd Function and the op layer around them (each adds tens of microseconds a call on a
+    CPU at decode sizes); the same ops, so the same result bit for bit. y is [M, N]."""
+    with _exact(x):
+        xa = ops.lora_shrink(x, lora_A)
+        return ops.fused_linear(x, weight, xa, lora_B, scaling, bias=bias)
 
 
 def seed_operand(seed, p):

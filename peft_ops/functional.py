@@ -296,6 +296,10 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
         lora_B, scaling = lora_B.float() * scaling, 1.0
     tensors, meta, offset = lib.weight_operands(weight)
     lead = tuple(x.shape[:-1])   # y comes out [*lead, N], its own tensor (not a view of [M, N])
+    if magnitude is None and not p and not torch.is_grad_enabled() and lib.plain_eager(x2, lora_A, lora_B, bias,
+                                                                                      *tensors):
+        y = lib.lora_inference(x2, weight, lora_A, lora_B, float(scaling), bias=bias)
+        return y.contiguous().view(*lead, N).detach()
     if magnitude is None:
         return LoraLinearFunction.apply(x2, lead, lora_A, lora_B, bias, float(scaling), p, seed, meta, offset,
                                         *tensors)
