@@ -186,11 +186,15 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout, seed):
                 raise ValueError(f"{name}: expected a tensor of shape [{N}]")
             if t.dtype not in _FLOATS:
                 raise TypeError(f"{name}: expected a float tensor, got {t.dtype}")
+    x_device = x.device
     for name, t in (("weight", None), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias),
                     ("magnitude", magnitude)):
         dev = w_device if name == "weight" else (None if t is None else t.device)
-        if dev is not None and dev != x.device:
-            raise ValueError(f"{name}: on {dev}, but x is on {x.device}")
+        if dev is not None and dev != x_device:
+            raise ValueError(f"{name}: on {dev}, but x is on {x_device}")
+    if type(scaling) in _NUMBERS and type(dropout) in _NUMBERS and 0.0 <= dropout < 1.0 \
+            and (seed is None or type(seed) is int and _SEED_MIN <= seed <= _SEED_MAX):
+        return   # the common call, checked without the general (slower) tests below
     if isinstance(scaling, torch.Tensor):
         if scaling.dim() != 0 or not scaling.dtype.is_floating_point:
             raise TypeError(f"scaling: expected a Python number or a 0-d float tensor, got a {scaling.dtype} "
@@ -207,6 +211,7 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, magnitude, dropout, seed):
 
 
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1   # what an int64 seed operand holds
+_NUMBERS = (float, int)                       # exact types (bool is not one)
 
 
 def _check_seed(seed):
@@ -273,7 +278,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
         seed = _draw_seed()
     elif not isinstance(seed, torch.Tensor):
         seed = int(seed)
-    x2 = x.reshape(-1, K)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.shape[0] == 0:
         # Nothing to compute, but every input stays in the graph (with zero gradients), so an
         # empty batch (an expert with no tokens) neither breaks backward nor leaves DDP an
@@ -299,7 +304,8 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
     if magnitude is None and not p and not torch.is_grad_enabled() and lib.plain_eager(x2, lora_A, lora_B, bias,
                                                                                       *tensors):
         y = lib.lora_inference(x2, weight, lora_A, lora_B, float(scaling), bias=bias)
-        return y.contiguous().view(*lead, N).detach()
+        # y is fresh and contiguous, without grad; reshaped, it is still its own tensor (not a view)
+        return y if x.dim() == 2 else y.view(*lead, N).detach()
     if magnitude is None:
         return LoraLinearFunction.apply(x2, lead, lora_A, lora_B, bias, float(scaling), p, seed, meta, offset,
                                         *tensors)

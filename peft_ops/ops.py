@@ -254,7 +254,7 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False):
     if use_triton(x):
         return _lora.lora_shrink(x, a, dropout=dropout, seed=seed, write_xd=write_xd)
     if not dropout:
-        return x.float() @ a.float().t()
+        return torch.nn.functional.linear(x.float(), a if a.dtype == torch.float32 else a.float())
     xk = torch.where(dropout_keep(seed, tuple(x.shape), dropout, x.device), x, 0)   # keep ⊙ x, exact
     xa = (xk.float() @ a.float().t()).mul_(1.0 / (1.0 - dropout))
     return (xa, xk) if write_xd else xa
@@ -285,12 +285,19 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
         return candidates[strategy.choose("forward", x, weight, flags, candidates, why_not_lut)]()
     gemm = cpu_gemm_dtype(x.dtype, x.shape[0])
     operands = [x if x.dtype == gemm else x.to(gemm)] + ([] if xd is None else [xd.to(gemm)])
-    acc, *acc_d = (a.float() for a in _weight_products(operands, weight, x.dtype, gemm,
-                                                       _chunk_rows(weight, x.shape[0])))
-    b = lora_B.float().t()
+    acc, *acc_d = _weight_products(operands, weight, x.dtype, gemm, _chunk_rows(weight, x.shape[0]))
+    b = lora_B if lora_B.dtype == torch.float32 else lora_B.float()
     if mn is None:
-        y = acc.addmm_(xa, b, alpha=scaling)                    # x Wᵀ + s·xa Bᵀ
-    elif xd is None:
+        # x Wᵀ + (bias + s·xa Bᵀ): the epilogue in fp32 and rounded once to x's dtype, written
+        # straight from the (perhaps 16-bit) product (the fewest passes: they are most of the
+        # time at decode sizes)
+        if bias is None:
+            lora, alpha = torch.nn.functional.linear(xa, b), scaling
+        else:
+            lora, alpha = torch.addmm(bias.float(), xa, b.t(), alpha=scaling), 1.0
+        return torch.add(acc, lora, alpha=alpha, out=acc.new_empty(acc.shape, dtype=x.dtype))
+    acc, acc_d, b = acc.float(), [a.float() for a in acc_d], b.t()
+    if xd is None:
         z = acc.addmm_(xa, b, alpha=scaling)
         y = z * mn
     else:
