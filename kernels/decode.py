@@ -214,11 +214,17 @@ def _config(M, N):
     return dict(BLOCK_N=128, num_warps=8, num_stages=1)
 
 
-def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=False, split_k=None):
+def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=False, split_k=None,
+                  lora_A=None, shrink_split_k=None):
     """y (and z with `save_z`) of `lora.fused_linear` for an NF4 weight at M <= 64, without dropout
-    (`eligible` says when); same arguments and outputs."""
+    (`eligible` says when); same arguments and outputs. Given `lora_A` ([r, K]) instead of xa
+    (None), xa = x Aᵀ is formed here (`lora.lora_shrink`); when K is split, the split-K
+    epilogue sums the shrink's own K splits too, in order, so no launch sums them before
+    (`shrink_split_k` pins the shrink's splits, as `split_k` the GEMM's)."""
     M, K = x.shape
     N, R = lora_B.shape
+    if (xa is None) == (lora_A is None):
+        raise ValueError("decode_linear: pass exactly one of xa and lora_A")
     cfg = _config(M, N)
     BLOCK_N = cfg["BLOCK_N"]
     BLOCK_M = max(16, _pow2(M))
@@ -231,6 +237,11 @@ def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=
         split_k = 1 if interpreting() else max(1, min(2 * _lora._sm_count(x.device) // tiles, K // BLOCK_K, 32))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     split_k = triton.cdiv(K, k_per_split)
+    xa_parts = None
+    if lora_A is not None:
+        xa = _lora.lora_shrink(x, lora_A, split_k=shrink_split_k, sum_splits=split_k == 1)
+        if split_k > 1:
+            xa_parts, xa = xa, xa[0]   # [parts, M, R]; the first part stands for xa's strides
     out_dtype = store_dtype(x.dtype)
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     z = torch.empty((M, N), dtype=out_dtype, device=x.device) if save_z else y
@@ -253,11 +264,13 @@ def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=
     )
     if split_k > 1:
         EM, EN = (16 if M <= 16 else 32), 64
+        parts = dict(stride_xas=0, XA_PARTS=1) if xa_parts is None else dict(
+            stride_xas=xa_parts.stride(0), XA_PARTS=xa_parts.shape[0])
         _split_k_epilogue_kernel[(triton.cdiv(M, EM), triton.cdiv(N, EN))](
             part, part, xa, lora_B, mn_arg, bias_arg, scaling, 1.0, y, z, M, N, R, xa.stride(0),
             lora_B.stride(0), lora_B.stride(1), y.stride(0), part.stride(0), **flags, SECOND=False,
             RANK_PRECISION=dots["RANK_PRECISION"], SPLIT_K=split_k, BLOCK_M=EM, BLOCK_N=EN, BLOCK_R=BLOCK_R,
-            enable_fp_fusion=False,
+            **parts, enable_fp_fusion=False,
         )
     if y.dtype != x.dtype:
         y = y.to(x.dtype)

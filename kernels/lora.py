@@ -101,8 +101,9 @@ def dot_split3(a, b, acc, FP32_LEFT: tl.constexpr, DOT_DTYPE: tl.constexpr):
 
 @triton.jit
 def rank_product(acc, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rn, offs_m, offs_n, mask_m, mask_n,
-                 R, scale, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc + scale · L[offs_m, :R] · Rm[:R, offs_n] for an fp32 tile `acc`, accumulated in place.
+                 R, scale, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, stride_ls=0, L_PARTS: tl.constexpr = 1):
+    """acc + scale · L[offs_m, :R] · Rm[:R, offs_n] for an fp32 tile `acc`, accumulated in place;
+    L may come as L_PARTS fp32 parts `stride_ls` apart (a split shrink's), summed in order.
 
     The rank is walked in chunks of BLOCK_R, so any r fits in registers and shared memory. On
     16-bit GEMMs PRECISION is "tf32x3": tensor cores at fp32 accuracy, accumulating straight
@@ -111,8 +112,11 @@ def rank_product(acc, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rn, 
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        lhs = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                      mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        l_tile = l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr
+        l_mask = mask_m[:, None] & mask_r[None, :]
+        lhs = tl.load(l_tile, mask=l_mask, other=0.0).to(tl.float32)
+        for part in tl.static_range(1, L_PARTS):   # unrolled: no loop to model, none to pipeline
+            lhs += tl.load(l_tile + part * stride_ls, mask=l_mask, other=0.0)
         rhs = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn,
                       mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(lhs * scale, rhs, acc, input_precision=PRECISION)
@@ -124,8 +128,10 @@ def _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
                       xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling, inv_keep,
                       mn_ptr, bias_ptr, y_ptr, stride_ym, z_ptr, stride_zm, R,
                       DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SAVE_Z: tl.constexpr, RANK_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc = x Wᵀ (and acc_d = (keep ⊙ x) Wᵀ) for one [BLOCK_M, BLOCK_N] tile -> y (and z).
+                      SAVE_Z: tl.constexpr, RANK_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                      stride_xas=0, XA_PARTS: tl.constexpr = 1):
+    """acc = x Wᵀ (and acc_d = (keep ⊙ x) Wᵀ) for one [BLOCK_M, BLOCK_N] tile -> y (and z); xa
+    may come as XA_PARTS parts `stride_xas` apart (`rank_product`).
 
     The LoRA term s·xa Bᵀ is added into an accumulator rather than formed beside it: y = acc + lora
     (LoRA), z = acc + lora and y = (m/n) z (DoRA), and with dropout z = acc_d/(1-p) + lora and
@@ -137,10 +143,10 @@ def _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
         acc_d = acc_d * inv_keep
         acc = acc - acc_d
         z = rank_product(acc_d, xa_ptr, stride_xam, 1, b_ptr, stride_br, stride_bn, offs_m, offs_n,
-                         mask_m, mask_n, R, scaling, RANK_PRECISION, BLOCK_R)
+                         mask_m, mask_n, R, scaling, RANK_PRECISION, BLOCK_R, stride_xas, XA_PARTS)
     else:
         z = rank_product(acc, xa_ptr, stride_xam, 1, b_ptr, stride_br, stride_bn, offs_m, offs_n,
-                         mask_m, mask_n, R, scaling, RANK_PRECISION, BLOCK_R)
+                         mask_m, mask_n, R, scaling, RANK_PRECISION, BLOCK_R, stride_xas, XA_PARTS)
     if DORA:
         mn = tl.load(mn_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         if SECOND:
@@ -276,8 +282,11 @@ def _split_k_epilogue_kernel(
     DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr,
     RANK_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_xas=0, XA_PARTS: tl.constexpr = 1,
 ):
-    """Sums the SPLIT_K partials in a fixed order, then applies the same epilogue."""
+    """Sums the SPLIT_K partials in a fixed order, then applies the same epilogue. xa may come as
+    the XA_PARTS parts of a split shrink, `stride_xas` apart, summed in order here: no launch
+    sums them before."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -291,7 +300,7 @@ def _split_k_epilogue_kernel(
     _forward_epilogue(acc, acc_d, offs_m, offs_n, M, N,
                       xa_ptr, stride_xam, b_ptr, stride_bn, stride_br, scaling, inv_keep,
                       mn_ptr, bias_ptr, y_ptr, stride_ym, z_ptr, stride_ym, R,
-                      DORA, SECOND, HAS_BIAS, SAVE_Z, RANK_PRECISION, BLOCK_R)
+                      DORA, SECOND, HAS_BIAS, SAVE_Z, RANK_PRECISION, BLOCK_R, stride_xas, XA_PARTS)
 
 
 @triton.jit
@@ -564,9 +573,11 @@ def _launch_opts(cfg):
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
 
 
-def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
+def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None, sum_splits=True):
     """drop(x) · aᵀ as fp32 [M, r]; `a` is [r, K] with any strides. With `write_xd`, also returns
-    keep ⊙ x in x's dtype, exact (forward of DoRA with dropout needs it once, as a GEMM operand)."""
+    keep ⊙ x in x's dtype, exact (forward of DoRA with dropout needs it once, as a GEMM operand).
+    Without `sum_splits`, xa comes as its K splits' parts, [splits, M, r] (one or more), for a
+    consumer that sums them in order itself (`rank_product`), sparing the sum's launch."""
     M, K = x.shape
     R = a.shape[0]
     # Rank chunks of 32, a program per chunk: with dropout each chunk regenerates the mask of its
@@ -613,7 +624,7 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None):
         DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, num_warps=4,
         enable_fp_fusion=False,
     )
-    xa = out[0] if split_k == 1 else out.sum(0)
+    xa = out if not sum_splits else out[0] if split_k == 1 else out.sum(0)
     if write_xd:
         return xa, (xd if xd.dtype == x.dtype else xd.to(x.dtype))
     return xa

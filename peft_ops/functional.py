@@ -301,9 +301,14 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
         lora_B, scaling = lora_B.float() * scaling, 1.0
     tensors, meta, offset = lib.weight_operands(weight)
     lead = tuple(x.shape[:-1])   # y comes out [*lead, N], its own tensor (not a view of [M, N])
-    if magnitude is None and not p and not torch.is_grad_enabled() and lib.plain_eager(x2, lora_A, lora_B, bias,
-                                                                                      *tensors):
-        y = lib.lora_inference(x2, weight, lora_A, lora_B, float(scaling), bias=bias)
+    if not p and not torch.is_grad_enabled() and lib.plain_eager(x2, lora_A, lora_B, bias, magnitude, norm, mn,
+                                                                 *tensors):
+        if magnitude is not None and mn is None:   # as DoraLinearFunction.forward forms them
+            if norm is None:
+                norm = lib.row_norm(lib.WeightOperands(tensors, meta, offset), lora_A, lora_B,
+                                    float(scaling)).clamp_min(DORA_EPS)
+            mn = magnitude.float() / norm
+        y = lib.lora_inference(x2, weight, lora_A, lora_B, float(scaling), bias=bias, mn=mn)
         # y is fresh and contiguous, without grad; reshaped, it is still its own tensor (not a view)
         return y if x.dim() == 2 else y.view(*lead, N).detach()
     if magnitude is None:

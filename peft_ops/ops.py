@@ -223,8 +223,11 @@ def _weight_products(operands, weight, dtype, gemm_dtype, step):
     """[v Wᵀ for v in operands] ([M, N] each, in `gemm_dtype`), W decoded once for all of them."""
     M, N = operands[0].shape[0], weight.shape[0]
     if step >= N:
-        w = next(_weight_rows(weight, dtype, gemm_dtype, N))[2]
-        return [v @ w.t() for v in operands]
+        if isinstance(weight, torch.Tensor) and weight.dtype == dtype == gemm_dtype:
+            w = weight   # (the common dense call, spared the generator: decode sizes feel it)
+        else:
+            w = next(_weight_rows(weight, dtype, gemm_dtype, N))[2]
+        return [torch.nn.functional.linear(v, w) for v in operands]
     out = [operands[0].new_empty((M, N), dtype=gemm_dtype) for _ in operands]
     for row0, row1, w in _weight_rows(weight, dtype, gemm_dtype, step):
         for v, o in zip(operands, out):
@@ -261,28 +264,41 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False):
 
 
 def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None, inv_keep=1.0,
-                 save_z=False):
+                 save_z=False, lora_A=None):
     """Forward GEMM with epilogue; returns y, or (y, z) with `save_z` (DoRA's pre-scale output).
-    For DoRA with dropout, xd = keep ⊙ x and inv_keep = 1/(1-p)."""
+    For DoRA with dropout, xd = keep ⊙ x and inv_keep = 1/(1-p). Given `lora_A` instead of xa
+    (None), without dropout, the op forms xa = x Aᵀ itself and does not return it (the forward
+    without grad): on the Triton path at decode sizes inside the decode launch, else as
+    `lora_shrink`."""
+    if (xa is None) == (lora_A is None) or (lora_A is not None and xd is not None):
+        raise ValueError("fused_linear: pass exactly one of xa and lora_A (lora_A only without xd)")
     if use_triton(x):
         kw = dict(bias=bias, mn=mn, xd=xd, inv_keep=inv_keep, save_z=save_z)
         budget = strategy.buffer_mib() << 20
+
+        def xa_():   # a fresh shrink for each call that needs it (so timed candidates pay for it)
+            return xa if lora_A is None else lora_shrink(x, lora_A)
+
         candidates = {
-            "fused": lambda: _lora.fused_linear(x, weight, xa, lora_B, scaling, **kw),
+            "fused": lambda: _lora.fused_linear(x, weight, xa_(), lora_B, scaling, **kw),
             # the table-lookup decode: in the swapped GEMM up to 64 rows, in the TMA GEMM's loop above
             "fused_lut": lambda: _decode.decode_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn,
-                                                       save_z=save_z) if x.shape[0] <= _decode.MAX_M
-            else _gemm.gemm_forward(x, weight, xa, lora_B, scaling, backend="lut", **kw),
-            "dequant_gemm": lambda: _gemm.gemm_forward(x, weight, xa, lora_B, scaling, buffer_bytes=budget, **kw),
-            "dequant_cublas": lambda: _gemm.gemm_forward(x, weight, xa, lora_B, scaling, buffer_bytes=budget,
+                                                       save_z=save_z, lora_A=lora_A) if x.shape[0] <= _decode.MAX_M
+            else _gemm.gemm_forward(x, weight, xa_(), lora_B, scaling, backend="lut", **kw),
+            "dequant_gemm": lambda: _gemm.gemm_forward(x, weight, xa_(), lora_B, scaling, buffer_bytes=budget,
+                                                       **kw),
+            "dequant_cublas": lambda: _gemm.gemm_forward(x, weight, xa_(), lora_B, scaling, buffer_bytes=budget,
                                                          backend="cublas", **kw),
         }
         if x.shape[0] > _decode.MAX_M:
             why_not_lut = _gemm.lut_eligible(weight) or strategy.why_not_decode_once("forward", x, weight)
         else:   # the swapped GEMM has no second accumulator (DoRA's dropout form)
             why_not_lut = "DoRA's dropout form" if xd is not None else _decode.eligible(x, weight)
-        flags = dict(dora=mn is not None, second=xd is not None, bias=bias is not None, z=save_z)
+        flags = dict(dora=mn is not None, second=xd is not None, bias=bias is not None, z=save_z,
+                     shrink=lora_A is not None)
         return candidates[strategy.choose("forward", x, weight, flags, candidates, why_not_lut)]()
+    if lora_A is not None:
+        xa = lora_shrink(x, lora_A)
     gemm = cpu_gemm_dtype(x.dtype, x.shape[0])
     operands = [x if x.dtype == gemm else x.to(gemm)] + ([] if xd is None else [xd.to(gemm)])
     acc, *acc_d = _weight_products(operands, weight, x.dtype, gemm, _chunk_rows(weight, x.shape[0]))

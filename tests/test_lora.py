@@ -518,10 +518,12 @@ def test_trainable_dense_weight_is_refused():
         peft_ops.lora_linear(torch.randn(4, 8), W, torch.randn(2, 8), torch.randn(6, 2), 1.0)
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("nf4", [False, True])
-def test_lora_without_grad_runs_the_ops_directly_to_the_same_result(monkeypatch, nf4):
-    # Without grad, plain LoRA skips the autograd Function and the op layer (their per-call cost
-    # matters at decode sizes): bit for bit what the Function computes, as fresh and as shaped.
+def test_lora_without_grad_runs_the_ops_directly_to_the_same_result(monkeypatch, nf4, dora):
+    # Without grad or dropout, LoRA and DoRA skip the autograd Function and the op layer (their
+    # per-call cost matters at decode sizes): bit for bit what the Function computes (its K not
+    # split here), as fresh and as shaped.
     from peft_ops import functional
 
     gen = torch.Generator().manual_seed(3)
@@ -531,16 +533,18 @@ def test_lora_without_grad_runs_the_ops_directly_to_the_same_result(monkeypatch,
     A = torch.randn(4, 40, generator=gen).to(DEVICE)
     B = torch.randn(24, 4, generator=gen).to(DEVICE)
     bias = torch.randn(24, generator=gen).to(DEVICE, torch.bfloat16)
+    m = (torch.rand(24, generator=gen) + 0.5).to(DEVICE) if dora else None
     with torch.no_grad():
-        direct = peft_ops.lora_linear(x, weight, A, B, 0.5, bias=bias)
-    via = peft_ops.lora_linear(x, weight, A, B.clone().requires_grad_(), 0.5, bias=bias)
+        direct = peft_ops.lora_linear(x, weight, A, B, 0.5, bias=bias, magnitude=m)
+    via = peft_ops.lora_linear(x, weight, A, B.clone().requires_grad_(), 0.5, bias=bias, magnitude=m)
     assert via.grad_fn is not None
     assert torch.equal(direct, via.detach())
     assert direct.shape == (2, 3, 24) and direct._base is None and direct.is_contiguous()
     calls = []
-    monkeypatch.setattr(functional.LoraLinearFunction, "apply", lambda *a: calls.append(a))
+    name = "DoraLinearFunction" if dora else "LoraLinearFunction"
+    monkeypatch.setattr(getattr(functional, name), "apply", lambda *a: calls.append(a))
     with torch.no_grad():
-        peft_ops.lora_linear(x, weight, A, B, 0.5, bias=bias)
+        peft_ops.lora_linear(x, weight, A, B, 0.5, bias=bias, magnitude=m)
         assert not calls
-        peft_ops.lora_linear(x, weight, A, B, 0.5, bias=bias, dropout=0.1, training=True, seed=1)
+        peft_ops.lora_linear(x, weight, A, B, 0.5, bias=bias, magnitude=m, dropout=0.1, training=True, seed=1)
         assert len(calls) == 1   # dropout in training keeps the Function's path

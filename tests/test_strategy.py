@@ -119,6 +119,45 @@ def test_split_k_table_lookup_equals_one_pass():
         torch.testing.assert_close(b.float(), a.float(), atol=1e-2 * a.float().abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K,r,split_k,shrink_split_k", [
+    (1, 48, 512, 16, 3, 4),     # both split: the epilogue sums the shrink's four parts
+    (5, 70, 384, 5, 2, 3),      # ragged N tile, odd rank
+    (17, 32, 512, 40, 4, 2),    # rank in two chunks (16 + 24 of 40), 17 rows
+    (3, 32, 256, 1, 1, 2),      # GEMM not split: the shrink's parts are summed before it
+])
+def test_decode_forms_xa_from_lora_A(dtype, M, N, K, r, split_k, shrink_split_k):
+    # Without grad the decode takes A instead of xa; split over K, its split-K epilogue sums the
+    # shrink's parts itself (no launch before it does). Same result as given xa, to fp32 sums.
+    from peft_ops.kernels import decode as kdecode
+
+    gen = torch.Generator().manual_seed(M + N + r)
+    W = peft_ops.NF4Weight.quantize(torch.randn(N, K, generator=gen).to(DEVICE, dtype), blocksize=64)
+    x = torch.randn(M, K, generator=gen).to(DEVICE, dtype)
+    A, B = torch.randn(r, K, generator=gen).to(DEVICE) / 8, torch.randn(N, r, generator=gen).to(DEVICE)
+    bias = torch.randn(N, generator=gen).to(DEVICE, dtype)
+    mn = torch.rand(N, generator=gen).to(DEVICE) + 0.5
+    parts = klora.lora_shrink(x, A, split_k=shrink_split_k, sum_splits=False)
+    assert parts.shape == (shrink_split_k, M, r)   # (each K / split here a whole number of the shrink's K steps)
+    torch.testing.assert_close(parts.sum(0), klora.lora_shrink(x, A), atol=1e-5, rtol=1e-5)
+    for kw in (dict(bias=bias), dict(mn=mn, save_z=True)):
+        given = kdecode.decode_linear(x, W, klora.lora_shrink(x, A), B, 0.5, split_k=split_k, **kw)
+        formed = kdecode.decode_linear(x, W, None, B, 0.5, split_k=split_k, lora_A=A, shrink_split_k=shrink_split_k,
+                                       **kw)
+        xa64 = x.double() @ A.double().t()
+        base = x.double() @ W.dequantize(dtype).double().t()
+        z64 = base + 0.5 * xa64 @ B.double().t()
+        want = (z64 + bias.double(),) if "bias" in kw else (mn.double() * z64, z64)
+        for got, ref, exact in zip(formed if isinstance(formed, tuple) else (formed,),
+                                   given if isinstance(given, tuple) else (given,), want):
+            assert got.dtype == dtype and got.shape == (M, N)
+            scale = exact.abs().max().item()
+            torch.testing.assert_close(got.double(), ref.double(), atol=1e-2 * scale, rtol=0)
+            torch.testing.assert_close(got.double(), exact, atol=2e-2 * scale, rtol=0)
+    with pytest.raises(ValueError, match="exactly one of xa and lora_A"):
+        kdecode.decode_linear(x, W, klora.lora_shrink(x, A), B, 0.5, lora_A=A)
+
+
 def test_small_m_and_unaligned_k_stay_fused(monkeypatch):
     monkeypatch.delenv("PEFT_OPS_STRATEGY", raising=False)
     small = _decisions(lambda: run_case(lead=(5,), N=24, K=64, r=2, dtype=torch.bfloat16,
