@@ -215,12 +215,14 @@ def _config(M, N):
 
 
 def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=False, split_k=None,
-                  lora_A=None, shrink_split_k=None):
+                  lora_A=None, shrink_split_k=None, parts=False):
     """y (and z with `save_z`) of `lora.fused_linear` for an NF4 weight at M <= 64, without dropout
     (`eligible` says when); same arguments and outputs. Given `lora_A` ([r, K]) instead of xa
     (None), xa = x Aᵀ is formed here (`lora.lora_shrink`); when K is split, the split-K
     epilogue sums the shrink's own K splits too, in order, so no launch sums them before
-    (`shrink_split_k` pins the shrink's splits, as `split_k` the GEMM's)."""
+    (`shrink_split_k` pins the shrink's splits, as `split_k` the GEMM's). With `parts`, when K is
+    split, the fp32 parts of x Wᵀ, [splits, M, N], come back instead, with no epilogue (for a
+    consumer that sums them itself: the mixed-adapter expand)."""
     M, K = x.shape
     N, R = lora_B.shape
     if (xa is None) == (lora_A is None):
@@ -237,15 +239,20 @@ def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=
         split_k = 1 if interpreting() else max(1, min(2 * _lora._sm_count(x.device) // tiles, K // BLOCK_K, 32))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     split_k = triton.cdiv(K, k_per_split)
+    parts = parts and split_k > 1
     xa_parts = None
-    if lora_A is not None:
+    if lora_A is not None and not parts:
         xa = _lora.lora_shrink(x, lora_A, split_k=shrink_split_k, sum_splits=split_k == 1)
         if split_k > 1:
             xa_parts, xa = xa, xa[0]   # [parts, M, R]; the first part stands for xa's strides
     out_dtype = store_dtype(x.dtype)
-    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
-    z = torch.empty((M, N), dtype=out_dtype, device=x.device) if save_z else y
-    part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
+    if parts:   # x Wᵀ's fp32 parts alone: the kernel writes `part`, nothing reads y, z or xa
+        part = y = z = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+        xa = part if xa is None else xa
+    else:
+        y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+        z = torch.empty((M, N), dtype=out_dtype, device=x.device) if save_z else y
+        part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
     flags = dict(DORA=mn is not None, HAS_BIAS=bias is not None, SAVE_Z=save_z)
     BLOCK_R = _rank_block(R)
     mn_arg = mn if mn is not None else xa
@@ -262,6 +269,8 @@ def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
     )
+    if parts:
+        return part
     if split_k > 1:
         EM, EN = (16 if M <= 16 else 32), 64
         parts = dict(stride_xas=0, XA_PARTS=1) if xa_parts is None else dict(

@@ -479,10 +479,11 @@ def _dot_args(dtype):
 
 def _rank_precision(*operands) -> str:
     """Products of the rank-sized kernels (shrink, dA, dB): with a 16-bit activation among the
-    operands "tf32x3" on the tensor cores (fp32-accurate: the 16-bit operand is exact in tf32 and
-    the fp32 one is split in two), else "ieee" FMA products, as torch's fp32 matmul. Those kernels
-    are r/K of the GEMM's work but, on the FMA units, as slow as a third of it at M = 4096."""
-    if any(t.dtype in (torch.float16, torch.bfloat16) for t in operands):
+    operands (tensors, or dtypes) "tf32x3" on the tensor cores (fp32-accurate: the 16-bit operand
+    is exact in tf32 and the fp32 one is split in two), else "ieee" FMA products, as torch's fp32
+    matmul. Those kernels are r/K of the GEMM's work but, on the FMA units, as slow as a third of
+    it at M = 4096."""
+    if any(getattr(t, "dtype", t) in (torch.float16, torch.bfloat16) for t in operands):
         return "tf32x3"
     return "ieee"
 

@@ -91,9 +91,11 @@ def _multi_epilogue(acc, acc_d, rows, idx, first, last, offs_n, mask_m, mask_n,
                     xa_ptr, stride_xam, table_ptr, s_ptr, E, inv_keep, bias_ptr,
                     y_ptr, stride_ym, z_ptr, stride_zm,
                     B_DTYPE: tl.constexpr, DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    SAVE_Z: tl.constexpr, RANK_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+                    SAVE_Z: tl.constexpr, RANK_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                    stride_xas=0, XA_PARTS: tl.constexpr = 1):
     """acc = x Wᵀ (and acc_d = (keep ⊙ x) Wᵀ) for the tile's rows `mask_m` -> y (and z), each row
-    with its own adapter's rank product and m/n, as lora.py's epilogue does for one adapter."""
+    with its own adapter's rank product and m/n, as lora.py's epilogue does for one adapter (xa
+    perhaps as a split shrink's XA_PARTS parts, `stride_xas` apart)."""
     if DORA and SECOND:
         acc_d = acc_d * inv_keep
         acc = acc - acc_d
@@ -109,7 +111,7 @@ def _multi_epilogue(acc, acc_d, rows, idx, first, last, offs_n, mask_m, mask_n,
             s_e = tl.load(s_ptr + e)
             # B_e is [N, r_e] contiguous: element (r, n) of Bᵀ sits at n * r_e + r
             z = rank_product(z, xa_ptr, stride_xam, 1, b_e, 1, r_e, rows, offs_n, sel, mask_n, r_e, s_e,
-                             RANK_PRECISION, BLOCK_R)
+                             RANK_PRECISION, BLOCK_R, stride_xas, XA_PARTS)
             if DORA:
                 mn_addr = tl.load(table_ptr + 2 * E + e)
                 if mn_addr != 0:
@@ -213,9 +215,12 @@ def _multi_expand_kernel(
     B_DTYPE: tl.constexpr, DORA: tl.constexpr, SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
     SAVE_Z: tl.constexpr, PERMUTED: tl.constexpr, ADAPTER_GRID: tl.constexpr, RANK_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_xas=0, XA_PARTS: tl.constexpr = 1, stride_bs=0, BASE_PARTS: tl.constexpr = 1,
 ):
     """y (and z) from the base GEMM's output x Wᵀ (and (keep ⊙ x) Wᵀ for DoRA with dropout):
-    each row's adapter term s_a·xa B_aᵀ, its m/n, and the bias."""
+    each row's adapter term s_a·xa B_aᵀ, its m/n, and the bias. xa may come as the XA_PARTS
+    parts of a split shrink, x Wᵀ as the BASE_PARTS fp32 parts of the split decode GEMM: both
+    are summed in order here, sparing the launches that would sum them."""
     pos = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = pos < M
@@ -224,7 +229,10 @@ def _multi_expand_kernel(
     idx = tl.load(idx_ptr + rows, mask=mask_m, other=-1)
     first, last, mask_m = _program_adapters(idx, mask_m, E, tl.program_id(2), ADAPTER_GRID)
     mask = mask_m[:, None] & mask_n[None, :]
-    acc = tl.load(base_ptr + rows[:, None] * stride_bm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    base_tile = base_ptr + rows[:, None] * stride_bm + offs_n[None, :]
+    acc = tl.load(base_tile, mask=mask, other=0.0).to(tl.float32)
+    for part in tl.static_range(1, BASE_PARTS):
+        acc += tl.load(base_tile + part * stride_bs, mask=mask, other=0.0)
     acc_d = acc
     if SECOND:
         acc_d = tl.load(base_d_ptr + rows[:, None] * stride_bdm + offs_n[None, :], mask=mask, other=0.0)
@@ -232,7 +240,7 @@ def _multi_expand_kernel(
     _multi_epilogue(acc, acc_d, rows, idx, first, last, offs_n, mask_m, mask_n,
                     xa_ptr, stride_xam, table_ptr, s_ptr, E, inv_keep, bias_ptr,
                     y_ptr, stride_ym, z_ptr, stride_ym,
-                    B_DTYPE, DORA, SECOND, HAS_BIAS, SAVE_Z, RANK_PRECISION, BLOCK_R)
+                    B_DTYPE, DORA, SECOND, HAS_BIAS, SAVE_Z, RANK_PRECISION, BLOCK_R, stride_xas, XA_PARTS)
 
 
 @triton.jit
@@ -363,9 +371,10 @@ def _sms(device):
 
 
 def multi_shrink(x, table, idx, R, adapter_dtype, *, perm=None, operand="A", col_scale=False, dropout=0.0,
-                 seed=0, write_xd=False, split_k=None):
+                 seed=0, write_xd=False, split_k=None, sum_splits=True):
     """[M, R] fp32: drop(x[m]) A_aᵀ (operand "A"), or (x[m] ⊙ c_a) B_a (operand "B", the
-    backward's gb; c_a the adapter's m/n with `col_scale`). With `write_xd` also keep ⊙ x."""
+    backward's gb; c_a the adapter's m/n with `col_scale`). With `write_xd` also keep ⊙ x.
+    Without `sum_splits`, the K splits' parts [splits, M, R] for `multi_expand` to sum."""
     M, K = x.shape
     E = table.shape[1]
     BLOCK_R = _rank_block(R, 16 if dropout else 32)
@@ -397,7 +406,7 @@ def multi_shrink(x, table, idx, R, adapter_dtype, *, perm=None, operand="A", col
         PRECISION=precision, DOT_DTYPE=dot_dtype(x.dtype),
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, num_warps=4, enable_fp_fusion=False,
     )
-    xa = out[0] if split_k == 1 else out.sum(0)
+    xa = out if not sum_splits else out[0] if split_k == 1 else out.sum(0)
     if write_xd:
         return xa, (xd if xd.dtype == x.dtype else xd.to(x.dtype))
     return xa
@@ -412,17 +421,27 @@ def _expand_tiles(M, cols):
 
 
 def multi_expand(base, base_d, xa, table, scalings, idx, adapter_dtype, *, perm=None, bias=None, dora=False,
-                 inv_keep=1.0, save_z=False):
-    """y (and z with `save_z`) [M, N] in base's dtype, from base = x Wᵀ [M, N] (and base_d =
-    (keep ⊙ x) Wᵀ for DoRA with dropout, scaled by inv_keep = 1/(1-p) here)."""
+                 inv_keep=1.0, save_z=False, out_dtype=None):
+    """y (and z with `save_z`) [M, N] in `out_dtype` (default base's), from base = x Wᵀ [M, N]
+    (and base_d = (keep ⊙ x) Wᵀ for DoRA with dropout, scaled by inv_keep = 1/(1-p) here). xa is
+    [M, R], or [parts, M, R]: a split shrink's parts (`multi_shrink(sum_splits=False)`); base may
+    be the split decode GEMM's fp32 parts [parts, M, N] (`ops.fused_linear(parts=True)`, then
+    `out_dtype` is x's): both are summed here."""
+    out_dtype = out_dtype or base.dtype
+    parts = dict(stride_xas=0, XA_PARTS=1, stride_bs=0, BASE_PARTS=1)
+    if xa.dim() == 3:
+        parts.update(stride_xas=xa.stride(0), XA_PARTS=xa.shape[0])
+        xa = xa[0]
+    if base.dim() == 3:
+        parts.update(stride_bs=base.stride(0), BASE_PARTS=base.shape[0])
+        base = base[0]
     M, N = base.shape
     E = table.shape[1]
     R = xa.shape[1]
     second = base_d is not None
     BLOCK_M, BLOCK_N = _expand_tiles(M, N)
-    out_dtype = store_dtype(base.dtype)
-    y = torch.empty((M, N), dtype=out_dtype, device=base.device)
-    z = torch.empty((M, N), dtype=out_dtype, device=base.device) if save_z else y
+    y = torch.empty((M, N), dtype=store_dtype(out_dtype), device=base.device)
+    z = torch.empty((M, N), dtype=store_dtype(out_dtype), device=base.device) if save_z else y
     adapter_grid = perm is None   # rows not sorted (decode sizes): a program an adapter
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N), E if adapter_grid else 1)
     _multi_expand_kernel[grid](
@@ -430,12 +449,12 @@ def multi_expand(base, base_d, xa, table, scalings, idx, adapter_dtype, *, perm=
         bias if bias is not None else xa, y, z,
         M, N, E, inv_keep, base.stride(0), base_d.stride(0) if second else 0, xa.stride(0), y.stride(0),
         B_DTYPE=_TL[adapter_dtype], DORA=dora, SECOND=second, HAS_BIAS=bias is not None, SAVE_Z=save_z,
-        PERMUTED=perm is not None, ADAPTER_GRID=adapter_grid, RANK_PRECISION=_rank_precision(base),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_rank_block(R), num_warps=4, enable_fp_fusion=False,
+        PERMUTED=perm is not None, ADAPTER_GRID=adapter_grid, RANK_PRECISION=_rank_precision(out_dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_rank_block(R), **parts, num_warps=4, enable_fp_fusion=False,
     )
-    if y.dtype != base.dtype:
-        y = y.to(base.dtype)
-        z = z.to(base.dtype) if save_z else y
+    if y.dtype != out_dtype:
+        y = y.to(out_dtype)
+        z = z.to(out_dtype) if save_z else y
     return (y, z) if save_z else y
 
 

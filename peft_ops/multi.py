@@ -130,12 +130,13 @@ def sort_rows(idx, E):
 # the ops: Triton launcher or PyTorch twin
 # ---------------------------------------------------------------------------------------------
 
-def shrink(x, ad: Adapters, idx, *, perm=None, dropout=0.0, seed=0, write_xd=False):
+def shrink(x, ad: Adapters, idx, *, perm=None, dropout=0.0, seed=0, write_xd=False, parts=False):
     """xa [M, R] fp32: drop(x[m]) A_aᵀ (zero past r_a, and for rows of no adapter); with
-    `write_xd` also keep ⊙ x in x's dtype."""
+    `write_xd` also keep ⊙ x in x's dtype. With `parts`, xa may come as [splits, M, R], its K
+    splits' parts, which only `expand` takes (sparing a launch that sums them)."""
     if ops.use_triton(x):
         return _ml.multi_shrink(x, ad.table, idx, ad.R, ad.dtype, perm=perm, dropout=dropout, seed=seed,
-                                write_xd=write_xd)
+                                write_xd=write_xd, sum_splits=not parts)
     xf, xk = x.float(), None
     if dropout:
         d = ops.dropout_scale(seed, x.shape, dropout, x.device)
@@ -189,11 +190,13 @@ def _zero_rank(rows, device):
     return buf[:rows]
 
 
-def base_linear(x, weight):
+def base_linear(x, weight, parts=False):
     """x Wᵀ [M, N] in x's dtype: the single-adapter forward GEMM (and its choice of strategy)
-    with a zero adapter."""
+    with a zero adapter. With `parts`, a decode GEMM split over K may return its fp32 parts
+    [splits, M, N] instead, which `expand` sums (sparing the split-K epilogue's launch)."""
     N = weight.shape[0]
-    return ops.fused_linear(x, weight, _zero_rank(x.shape[0], x.device), _zero_rank(N, x.device), 0.0)
+    return ops.fused_linear(x, weight, _zero_rank(x.shape[0], x.device), _zero_rank(N, x.device), 0.0,
+                            parts=parts)
 
 
 def base_dx(g, weight, out_dtype):
@@ -203,13 +206,15 @@ def base_dx(g, weight, out_dtype):
                                out_dtype=out_dtype)
 
 
-def expand(base, base_d, xa, ad: Adapters, idx, *, perm=None, bias=None, inv_keep=1.0, save_z=False):
-    """y (and z with `save_z`) from base = x Wᵀ: each row's adapter term s_a·xa B_aᵀ, its m/n and
-    the bias. For DoRA with dropout base_d = (keep ⊙ x) Wᵀ and inv_keep = 1/(1-p)."""
+def expand(base, base_d, xa, ad: Adapters, idx, *, perm=None, bias=None, inv_keep=1.0, save_z=False,
+           out_dtype=None):
+    """y (and z with `save_z`) in `out_dtype` (default base's) from base = x Wᵀ: each row's adapter
+    term s_a·xa B_aᵀ, its m/n and the bias. For DoRA with dropout base_d = (keep ⊙ x) Wᵀ and
+    inv_keep = 1/(1-p). On the Triton path base and xa may come as their splits' fp32 parts."""
     dora = ad.dora
     if ops.use_triton(base):
         return _ml.multi_expand(base, base_d, xa, ad.table, ad.scale_table, idx, ad.dtype, perm=perm, bias=bias,
-                                dora=dora, inv_keep=inv_keep, save_z=save_z)
+                                dora=dora, inv_keep=inv_keep, save_z=save_z, out_dtype=out_dtype)
     M, N = base.shape
     acc = base.float()
     order, segments = ad.segments(idx)
@@ -237,9 +242,10 @@ def expand(base, base_d, xa, ad: Adapters, idx, *, perm=None, bias=None, inv_kee
 
 def linear(x, weight, xa, ad: Adapters, idx, *, perm=None, bias=None, xd=None, inv_keep=1.0, save_z=False):
     """y (and z): x Wᵀ (and xd Wᵀ) by the single-adapter GEMM, then `expand`."""
-    base = base_linear(x, weight)
+    base = base_linear(x, weight, parts=xd is None)
     base_d = base_linear(xd, weight) if xd is not None else None
-    return expand(base, base_d, xa, ad, idx, perm=perm, bias=bias, inv_keep=inv_keep, save_z=save_z)
+    return expand(base, base_d, xa, ad, idx, perm=perm, bias=bias, inv_keep=inv_keep, save_z=save_z,
+                  out_dtype=x.dtype)
 
 
 def dx_expand(base, base2, gb, ad: Adapters, idx, *, perm=None, dropout=0.0, seed=0):
@@ -343,8 +349,9 @@ class MultiLoraLinearFunction(torch.autograd.Function):
             save_z = any(ctx.needs_input_grad[11 + 2 * E + e] for e in range(E))
             if p and ad.dora:
                 xa, xd = shrink(x, ad, idx, perm=perm, dropout=p, seed=seed, write_xd=True)  # drop(x) A_aᵀ, keep⊙x
-            else:
-                xa, xd = shrink(x, ad, idx, perm=perm, dropout=p, seed=seed), None         # drop(x) A_aᵀ
+            else:   # without grad xa is not kept: its split shrink's parts go to `expand` as they are
+                xa, xd = shrink(x, ad, idx, perm=perm, dropout=p, seed=seed,
+                                parts=not any(ctx.needs_input_grad)), None                       # drop(x) A_aᵀ
             out = linear(x, weight, xa, ad, idx, perm=perm, bias=bias, xd=xd, inv_keep=1.0 / (1.0 - p),
                          save_z=save_z)                                                        # y (and z)
         y, z = out if save_z else (out, None)

@@ -137,6 +137,50 @@ def test_64_adapters_in_one_layer(backend):
               scalings=[0.5 + e / 64 for e in range(E)])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mixed_expand_sums_split_parts(dtype):
+    # At decode sizes the mixed forward hands the expand kernel the split shrink's K parts
+    # (without grad) and the split decode GEMM's K parts of x Wᵀ; it sums both (no launch between):
+    # the same y as from the summed operands, and as the reference.
+    from peft_ops.kernels import decode as kdecode
+    from peft_ops.kernels import multi_lora as kml
+
+    if not (_config.interpreting() or DEVICE.type == "cuda"):
+        pytest.skip("the Triton kernels run here only in Triton's interpreter (TRITON_INTERPRET=1)")
+    gen = torch.Generator().manual_seed(7)
+    M, N, K, ranks = 5, 24, 384, [4, 2, 7]
+    weight = (torch.randn(N, K, generator=gen) / K ** 0.5).to(DEVICE, dtype)
+    x = torch.randn(M, K, generator=gen).to(DEVICE, dtype)
+    As, Bs, ms = make_adapters(3, N, K, ranks, [True, False, True], gen)
+    idx = torch.tensor([0, -1, 2, 1, 0], device=DEVICE)
+    with torch.no_grad():   # (m/2 stands for m/n: the kernels take any row scale)
+        ad = multi.Adapters(As, Bs, [None if m is None else m / 2 for m in ms], [0.5, 1.0, 0.75], DEVICE)
+        parts = kml.multi_shrink(x, ad.table, idx, ad.R, ad.dtype, split_k=3, sum_splits=False)
+        assert parts.shape == (3, M, ad.R)
+        xa = kml.multi_shrink(x, ad.table, idx, ad.R, ad.dtype)
+        torch.testing.assert_close(parts.sum(0), xa, atol=1e-5, rtol=1e-5)
+        base = multi.base_linear(x, weight)
+        y_parts = kml.multi_expand(base, None, parts, ad.table, ad.scale_table, idx, ad.dtype, dora=True)
+        y_xa = kml.multi_expand(base, None, xa, ad.table, ad.scale_table, idx, ad.dtype, dora=True)
+        assert_close(y_parts, y_xa, TOL[dtype], "y from parts")
+        y_ref = reference.lora_linear_multi(x, weight, As, Bs, [0.5, 1.0, 0.75], idx, magnitudes=ms)
+        y_op = peft_ops.lora_linear_multi(x, weight, As, Bs, [0.5, 1.0, 0.75], idx, magnitude=ms)
+        assert_close(y_op, y_ref, TOL[dtype], "y without grad")
+        if dtype == torch.bfloat16:   # the decode GEMM (NF4, 16-bit activations) split in three
+            w4 = peft_ops.NF4Weight.quantize(weight, blocksize=64)
+            zero_a, zero_b = multi._zero_rank(M, DEVICE), multi._zero_rank(N, DEVICE)
+            base_parts = kdecode.decode_linear(x, w4, zero_a, zero_b, 0.0, split_k=3, parts=True)
+            assert base_parts.shape == (3, M, N) and base_parts.dtype == torch.float32
+            base = kdecode.decode_linear(x, w4, zero_a, zero_b, 0.0, split_k=1)
+            y_parts = kml.multi_expand(base_parts, None, parts, ad.table, ad.scale_table, idx, ad.dtype, dora=True,
+                                       out_dtype=dtype)
+            y_base = kml.multi_expand(base, None, xa, ad.table, ad.scale_table, idx, ad.dtype, dora=True)
+            assert_close(y_parts, y_base, TOL[dtype], "y from the decode's parts")
+            y_ref = reference.lora_linear_multi(x, w4, As, Bs, [0.5, 1.0, 0.75], idx, magnitudes=ms)
+            y_op = peft_ops.lora_linear_multi(x, w4, As, Bs, [0.5, 1.0, 0.75], idx, magnitude=ms)
+            assert_close(y_op, y_ref, TOL[dtype], "y without grad, NF4")
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("M", [6, 70], ids=["decode", "sorted"])
 def test_one_adapter_for_every_row_is_lora_linear(backend, dora, M):
