@@ -273,13 +273,13 @@ def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=
         return part
     if split_k > 1:
         EM, EN = (16 if M <= 16 else 32), 64
-        parts = dict(stride_xas=0, XA_PARTS=1) if xa_parts is None else dict(
+        xa_sum = dict(stride_xas=0, XA_PARTS=1) if xa_parts is None else dict(
             stride_xas=xa_parts.stride(0), XA_PARTS=xa_parts.shape[0])
         _split_k_epilogue_kernel[(triton.cdiv(M, EM), triton.cdiv(N, EN))](
             part, part, xa, lora_B, mn_arg, bias_arg, scaling, 1.0, y, z, M, N, R, xa.stride(0),
             lora_B.stride(0), lora_B.stride(1), y.stride(0), part.stride(0), **flags, SECOND=False,
             RANK_PRECISION=dots["RANK_PRECISION"], SPLIT_K=split_k, BLOCK_M=EM, BLOCK_N=EN, BLOCK_R=BLOCK_R,
-            **parts, enable_fp_fusion=False,
+            **xa_sum, enable_fp_fusion=False,
         )
     if y.dtype != x.dtype:
         y = y.to(x.dtype)

@@ -79,6 +79,16 @@ class LoraLinearFunction(torch.autograd.Function):
         return (dx, None, dA, dB, dbias, None, None, None, None, None) + (None,) * len(weight_tensors)
 
 
+def _dora_scale(weight, lora_A, lora_B, scaling, magnitude, norm=None, mn=None):
+    """(n, m/n) of DoRA's forward: n = ‖W + s·B A‖ clamped at DORA_EPS (one pass over W), unless
+    the caller keeps it (a `DoraNormCache`, without grad), and the row scale m/n in fp32."""
+    if norm is None:
+        norm = lib.row_norm(weight, lora_A, lora_B, scaling).clamp_min(DORA_EPS)
+    if mn is None:
+        mn = magnitude.float() / norm
+    return norm, mn
+
+
 class DoraLinearFunction(torch.autograd.Function):
     """DoRA with PEFT's semantics; n = ‖W + s·B A‖ is a constant in backward (SPEC §3)."""
 
@@ -87,10 +97,7 @@ class DoraLinearFunction(torch.autograd.Function):
                 *weight_tensors):
         weight = lib.WeightOperands(weight_tensors, meta, offset)
         seed_t = lib.seed_operand(seed, p)
-        if norm is None:   # else a norm the caller keeps (DoraNormCache, without grad)
-            norm = lib.row_norm(weight, lora_A, lora_B, scaling).clamp_min(DORA_EPS)  # n, one pass over W
-        if mn is None:
-            mn = magnitude.float() / norm                                           # m/n
+        norm, mn = _dora_scale(weight, lora_A, lora_B, scaling, magnitude, norm, mn)   # n and m/n
         save_z = ctx.needs_input_grad[4]
         if p:
             xa, xd = lib.lora_shrink(x, lora_A, dropout=p, seed=seed_t, write_xd=True)  # drop(x) Aᵀ, keep⊙x
@@ -303,11 +310,9 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, magnitude=None
     lead = tuple(x.shape[:-1])   # y comes out [*lead, N], its own tensor (not a view of [M, N])
     if not p and not torch.is_grad_enabled() and lib.plain_eager(x2, lora_A, lora_B, bias, magnitude, norm, mn,
                                                                  *tensors):
-        if magnitude is not None and mn is None:   # as DoraLinearFunction.forward forms them
-            if norm is None:
-                norm = lib.row_norm(lib.WeightOperands(tensors, meta, offset), lora_A, lora_B,
-                                    float(scaling)).clamp_min(DORA_EPS)
-            mn = magnitude.float() / norm
+        if magnitude is not None:   # m/n as DoraLinearFunction.forward forms it
+            mn = _dora_scale(lib.WeightOperands(tensors, meta, offset), lora_A, lora_B, float(scaling), magnitude,
+                             norm, mn)[1]
         y = lib.lora_inference(x2, weight, lora_A, lora_B, float(scaling), bias=bias, mn=mn)
         # y is fresh and contiguous, without grad; reshaped, it is still its own tensor (not a view)
         return y if x.dim() == 2 else y.view(*lead, N).detach()
