@@ -220,10 +220,10 @@ def _call(name, *args):
 def lora_inference(x, weight, lora_A, lora_B, scaling, bias=None, mn=None) -> Tensor:
     """LoRA's (with `mn` = m/n, DoRA's) forward for plain eager tensors without grad or dropout:
     the ops themselves, spared the autograd Function and the op layer around them (each adds
-    tens of microseconds a call on a CPU at decode sizes). xa is not kept, so the forward op forms it: on a GPU at decode sizes
-    the decode's split-K epilogue sums the shrink's K splits itself (in order, sparing a launch;
-    the sum can round differently from the training path's), elsewhere the same ops, bit for
-    bit. y is [M, N]."""
+    tens of microseconds a call on a CPU at decode sizes). xa is not kept, so the forward op
+    forms it: on a GPU at decode sizes the decode's split-K epilogue sums the shrink's K splits
+    itself (in order, sparing a launch; the sum can round differently from the training path's),
+    elsewhere the same ops, bit for bit. y is [M, N]."""
     with _exact(x):
         return ops.fused_linear(x, weight, None, lora_B, scaling, bias=bias, mn=mn, lora_A=lora_A)
 
