@@ -118,48 +118,60 @@ def _byte_table(device: torch.device) -> torch.Tensor:
     return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).view(torch.int64).view(-1)
 
 
-# Weight elements a twin decodes at a time: the fp32 values of one pass (4 MiB) stay in the
-# last-level cache, a decode allocates little more than its output, and a weight of up to a
-# million elements takes one pass (each pass of a torch op is a parallel region, and on a busy
-# 2-core machine each region can wait a scheduler time slice for its second thread). A 4096 x 1024
-# weight decoded to bf16 on one core of the 2-core EPYC: 4.0 ms in chunks of 2²⁰, 7.5 ms in chunks
-# of 2¹⁸, 8.9 ms in one pass (medians).
+# Weight elements a twin's GEMMs take at a time (`ops._chunk_rows`): a chunk of W decoded (4 MiB
+# in fp32) stays in the last-level cache for the GEMMs that read it, and no dense copy of a large
+# weight is made; a weight of up to a million elements is one chunk.
 DECODE_CHUNK = 1 << 20
 
+# Elements a decode gathers at a time, into two scratch buffers it reuses (the bytes as int32 and
+# their values as fp32 pairs: 3 MiB). Fresh temporaries as large as the whole output are what the
+# allocator returns to the OS and faults in again page by page: a 1024 x 1024 decode to bf16 read
+# 1.4 ms or 5 ms by the allocator's state that way (the 2-core EPYC). Smaller pieces pay torch's
+# per-call cost: pieces of 2¹⁶ took 2.4 ms, of 2¹⁹ 1.7 (one thread, medians).
+DECODE_PIECE = 1 << 19
 
-def decode_rows(w: "NF4Weight", row0: int, row1: int, absmax: torch.Tensor = None) -> torch.Tensor:
-    """fp32 code * fp32 absmax for rows [row0, row1) of `w`: a fresh [row1 - row0, K] tensor, not
-    yet rounded to any dtype (twins only). `absmax` is `_decode_absmax(w)`, which a caller walking
-    the rows in chunks decodes once."""
+
+def decode_rows(w: "NF4Weight", row0: int, row1: int, absmax: torch.Tensor = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows [row0, row1) of `w` in `dtype`: fp32 code * fp32 absmax rounded once to `dtype`, as
+    bitsandbytes rounds them (twins only). A fresh contiguous [row1 - row0, K] tensor, perhaps a
+    view into a few blocks more (blocks straddle rows when K % blocksize != 0). `absmax` is
+    `_decode_absmax(w)`, which a caller walking the rows in chunks decodes once."""
     N, K = w.shape
     bs, numel = w.blocksize, N * K
     absmax = _decode_absmax(w) if absmax is None else absmax
-    # Whole blocks (blocks straddle rows when K % bs != 0); a block starts at an even element,
-    # so on a byte boundary.
+    # Whole blocks; a block starts at an even element, so on a byte boundary.
     first, last = row0 * K // bs, -(-row1 * K // bs)
     start, stop = first * bs, min(last * bs, numel)
-    packed = w.packed[start // 2:(stop + 1) // 2]
-    values = torch.index_select(_byte_table(w.device), 0, packed.int()).view(torch.float32)
-    full = (stop - start) // bs * bs
-    values[:full].view(-1, bs).mul_(absmax[first:first + full // bs, None])
-    if full < stop - start:      # the partial last block of the tensor
-        values[full:stop - start].mul_(absmax[last - 1])
+    flat = torch.empty(stop - start, dtype=dtype, device=w.device)
+    table = _byte_table(w.device)
+    piece = max(bs, DECODE_PIECE // bs * bs)
+    n_bytes = (min(piece, stop - start) + 1) // 2
+    index = torch.empty(n_bytes, dtype=torch.int32, device=w.device)
+    words = torch.empty(n_bytes, dtype=torch.int64, device=w.device)
+    for lo in range(start, stop, piece):
+        hi = min(stop, lo + piece)
+        nb = (hi - lo + 1) // 2      # (an odd element count ends on a padded byte)
+        index[:nb].copy_(w.packed[lo // 2:lo // 2 + nb])
+        values = torch.index_select(table, 0, index[:nb], out=words[:nb]).view(torch.float32)
+        dest = flat[lo - start:hi - start]
+        # (fp32 products, then one cast: a multiply that writes 16 bits at once is slower on CPU)
+        prod = dest if dtype == torch.float32 else values[:hi - lo]
+        full = (hi - lo) // bs * bs
+        block = lo // bs
+        torch.mul(values[:full].view(-1, bs), absmax[block:block + full // bs, None],
+                  out=prod[:full].view(-1, bs))
+        if full < hi - lo:           # the partial last block of the tensor
+            torch.mul(values[full:hi - lo], absmax[last - 1], out=prod[full:])
+        if prod is not dest:
+            dest.copy_(prod)
     skip = row0 * K - start
-    return values[skip:skip + (row1 - row0) * K].view(row1 - row0, K)
+    return flat[skip:skip + (row1 - row0) * K].view(row1 - row0, K)
 
 
 def _dequantize_torch(w: "NF4Weight", dtype: torch.dtype) -> torch.Tensor:
-    """Twin of ``kernels.nf4.nf4_dequantize``: fp32 code * fp32 absmax, cast once to `dtype`,
-    decoded in row chunks straight into the output."""
-    N, K = w.shape
-    absmax = _decode_absmax(w)
-    step = max(1, DECODE_CHUNK // K)
-    if step >= N:
-        return decode_rows(w, 0, N, absmax).to(dtype)
-    out = torch.empty(w.shape, dtype=dtype, device=w.device)
-    for row0 in range(0, N, step):
-        out[row0:row0 + step] = decode_rows(w, row0, min(N, row0 + step), absmax)
-    return out
+    """Twin of ``kernels.nf4.nf4_dequantize``: fp32 code * fp32 absmax, cast once to `dtype`."""
+    return decode_rows(w, 0, w.shape[0], dtype=dtype)   # (all rows: exactly the output's storage)
 
 
 # --- validation at the public boundary ---------------------------------------------------------

@@ -210,12 +210,12 @@ def _weight_rows(weight, dtype, gemm_dtype, step):
     for row0 in range(0, N, step):
         row1 = min(N, row0 + step)
         if absmax is not None:
-            rows = _nf4.decode_rows(weight, row0, row1, absmax)
+            rows = _nf4.decode_rows(weight, row0, row1, absmax, dtype)
         else:
             rows = weight if row1 - row0 == N else weight[row0:row1]
-        # (the dtype tests spare a decode-sized call the cost of a no-op `.to`)
-        if rows.dtype != dtype:
-            rows = rows.to(dtype)
+            # (the dtype tests spare a decode-sized call the cost of a no-op `.to`)
+            if rows.dtype != dtype:
+                rows = rows.to(dtype)
         yield row0, row1, rows if rows.dtype == gemm_dtype else rows.to(gemm_dtype)
 
 

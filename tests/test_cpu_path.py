@@ -127,16 +127,20 @@ def test_checkpoint_recomputation_is_bitwise_identical(monkeypatch, backend, dor
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_chunked_decode_equals_one_pass(twin, monkeypatch, N, K, blocksize, dtype):
     # Blocks straddle rows (K % blocksize != 0) and odd element counts end on a padded byte: a
-    # chunk boundary at any row must give the same bytes as decoding everything at once.
+    # piece boundary, and rows decoded on their own, must give the bytes of the whole decode.
     gen = torch.Generator().manual_seed(N * K)
     w = peft_ops.NF4Weight.quantize(torch.randn(N, K, generator=gen), blocksize=blocksize)
     whole = w.dequantize(dtype)
     assert torch.equal(whole, reference.nf4_dequantize(w, dtype=dtype))
-    for chunk in (1, K + 1, 3 * K - 1):
-        monkeypatch.setattr(nf4, "DECODE_CHUNK", chunk)
+    # pieces of one block, of a few blocks that end mid-row, and of more than the weight
+    for piece in (1, 3 * blocksize + 1, N * K + 1):
+        monkeypatch.setattr(nf4, "DECODE_PIECE", piece)
         assert torch.equal(w.dequantize(dtype), whole)
-        row0, row1 = N // 3, N // 3 + 2
-        assert torch.equal(nf4.decode_rows(w, row0, row1).to(dtype), whole[row0:row1])
+        for row0, row1 in ((N // 3, N // 3 + 2), (N - 1, N), (0, 1)):
+            rows = nf4.decode_rows(w, row0, row1, dtype=dtype)
+            assert rows.dtype == dtype and rows.is_contiguous()
+            assert torch.equal(rows, whole[row0:row1])
+            assert torch.equal(nf4.decode_rows(w, row0, row1).to(dtype), whole[row0:row1])
 
 
 def _run(x, weight, A, B, m, bias, p, dy):
