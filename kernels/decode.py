@@ -15,9 +15,11 @@ thread decodes exactly the elements the tensor core's register A operand wants f
 (g, q) of a warp hold rows g and g + 8 of a 16-row group and 32 consecutive codes (16 bytes) of
 each, warps hold 16-row groups (`_words`). The eight codes of a word are taken apart with nested
 `tl.join`s (new register dims), and a permutation of the logical dims (free: no data moves) makes
-the tile's logical K order the one the operand layout assigns to those registers; x is read in the
-same permuted K order (`kperm`), as the product does not depend on the order of K. Without this the
-tile took a round trip through shared memory, a third of the loop's shared-memory traffic.
+the tile's logical K order the one the operand layout assigns to those registers. x is loaded in
+K order (16 bytes a thread) and its K bits relabelled the same way (`operand_order`), as the
+product does not depend on the order of K. Without this the tile took a round trip through shared
+memory, a third of the loop's shared-memory traffic; x gathered in the permuted order took a
+2-byte load and four address instructions an element.
 
 Rows past N: the last tile starts at N - BLOCK_N instead (no mask in the loop) and stores only its
 new rows. K is split across programs when the N tiles alone would not fill the GPU; the fp32
@@ -40,13 +42,16 @@ MAX_M = 64   # rows of x the swapped GEMM takes (its N dimension)
 
 
 @triton.jit
-def operand_k_order(BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
-    """kperm [BLOCK_K]: the K index each column L of a table-lookup tile holds in the operand
-    order `lut_tile` decodes in. L = 64 wpt + 32 j2 + 16 j1 + 4 q + j0, read from its bits:
-    (j0, q, j1, j2, wpt) = bits (0, 1-2, 3, 4, 5-6), which is where the A operand of an m64nNk16
-    MMA has lane q's values of a row (k = 16 c + 8 h + 2 q + b)."""
-    L = tl.arange(0, BLOCK_K)
-    return 8 * (((L >> 1) & 3) * (WORDS // 4) + (L >> 5)) + (L & 1) + 2 * ((L >> 3) & 1) + 4 * ((L >> 4) & 1)
+def operand_order(t, BLOCK_K: tl.constexpr):
+    """The [R, BLOCK_K] tile `t` (columns in K order, BLOCK_K = 128) with its columns in the order
+    `lut_tile` decodes W in: column L holds K index 32 k56 + 8 k34 + 4 k2 + 2 k1 + k0 where
+    L = 32 k34 + 16 k2 + 8 k1 + 2 k56 + k0 (L's bits (0, 1-2, 3, 4, 5-6) hold K's bits (0, 5-6,
+    1, 2, 3-4)), which is where the A operand of an m64nNk16 MMA has lane q's values of a row
+    (k = 16 c + 8 h + 2 q + b). A relabelling of the tile's dims: no data moves, and `t` can be
+    loaded in K order, 16 bytes a thread."""
+    R: tl.constexpr = t.shape[0]
+    t = tl.permute(tl.reshape(t, (R, 4, 4, 2, 2, 2)), (0, 2, 3, 4, 1, 5))
+    return tl.reshape(t, (R, BLOCK_K))
 
 
 @triton.jit
@@ -74,7 +79,9 @@ def _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows, k0, K,
     """fp32 scales [BLOCK_N // 16 (i), 8 (g), 4 (q), 1] of `rows` for the words of lane q (K
     k0 + 32 q ..): shaped as `_words`, so they meet its layout with no movement."""
     q = tl.arange(0, 4)[None, None, :, None]
-    block = rows * (K // BLOCKSIZE) + (k0 + 32 * q) // BLOCKSIZE
+    # unsigned (a block index is below 2^28 here, `eligible`): dividing by a power of two is then a
+    # shift, with no rounding fix-up for negative values
+    block = rows.to(tl.uint32) * (K // BLOCKSIZE) + (k0 + 32 * q).to(tl.uint32) // BLOCKSIZE
     return nf4_scale(block, True, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                      DOUBLE_QUANT, NESTED_BLOCKSIZE)
 
@@ -99,7 +106,7 @@ def lut_tile(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, 
 
     Returned as (w, w · f) with f the factor `factor_ptr[row]` of each row when FACTOR, else
     (w, w). The tile's logical columns are in the order the register A operand of the tensor core
-    wants (column L holds K index `kperm[L]`, see `operand_k_order`) or, NATURAL, in K order
+    wants (see `operand_order`) or, NATURAL, in K order
     (for a tile that goes to shared memory as a wgmma operand)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     word = tl.join(_words(words_ptr, rows_lo, kw, row_words, WORDS),
@@ -157,7 +164,7 @@ def _decode_linear_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     table = tl.load(code_ptr + tl.arange(0, 16))
-    kperm = operand_k_order(BLOCK_K, WORDS)   # column L of the decoded tile holds K index kperm[L]
+    offs_k = tl.arange(0, BLOCK_K)
     words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
     rows_lo = _rows(row0, BLOCK_N)
     rows_hi = _rows(row0 + 8, BLOCK_N)
@@ -169,9 +176,9 @@ def _decode_linear_kernel(
                      rows_lo, rows_hi, kw, row_words, K, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE,
                      False, False, BLOCK_N, BLOCK_K)[0]
         w = round_to(w, ROUND, BITWISE_BF16).to(DOT_DTYPE)   # bitsandbytes' value in x's dtype
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + kperm)[:, None] * stride_xk, mask=mask_m[None, :],
-                     other=0.0)
-        acc = tl.dot(w, xt.to(DOT_DTYPE), acc)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk, mask=mask_m[:, None],
+                    other=0.0)
+        acc = tl.dot(w, tl.trans(operand_order(x, BLOCK_K)).to(DOT_DTYPE), acc)   # x in W's column order
     acc_mn = tl.trans(acc)                        # [BLOCK_M, BLOCK_N], as the epilogue takes it
     # a tile moved back from the end leaves the rows the previous tile stores: they point past N
     offs_n64 = tl.where(offs_n >= pid_n * BLOCK_N, offs_n, N).to(tl.int64)

@@ -13,7 +13,7 @@ import triton.language as tl
 from . import decode as _decode
 from . import lora as _lora
 from ._config import interpreting
-from .decode import _rows, lut_tile, operand_k_order
+from .decode import _rows, lut_tile, operand_order
 from .dropout import round_to
 from .lora import _ROUND, _nf4_blocksize, _pow2, _rank_block, rank_product, weight_args, weight_tile
 from .nf4 import stats_args
@@ -87,7 +87,7 @@ def _row_norm_lut_kernel(
     row0 = tl.minimum(pid_n * BLOCK_N, N - BLOCK_N)   # the last tile ends at row N
     offs_n = row0 + tl.arange(0, BLOCK_N)
     table = tl.load(code_ptr + tl.arange(0, 16))
-    kperm = operand_k_order(BLOCK_K, WORDS)   # the decoded tile's column order (`lut_tile`)
+    offs_k = tl.arange(0, BLOCK_K)
     words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
     rows_lo = _rows(row0, BLOCK_N)
     rows_hi = _rows(row0 + 8, BLOCK_N)
@@ -104,8 +104,9 @@ def _row_norm_lut_kernel(
             mask_r = offs_r < R
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=mask_r[None, :],
                         other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + (k0 + kperm)[None, :] * stride_ak, mask=mask_r[:, None],
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + (k0 + offs_k)[None, :] * stride_ak, mask=mask_r[:, None],
                         other=0.0).to(tl.float32)
+            a = operand_order(a, BLOCK_K)   # in the decoded tile's column order
             v = tl.dot(b * scaling, a, v, input_precision=PRECISION)
         sumsq += tl.sum(v * v, axis=1)
     # a tile moved back from the end leaves the rows the previous tile stores

@@ -208,6 +208,24 @@ def test_rank_spans_several_chunks(backend, nf4, p):
              nf4=nf4, dora=False, bias=False, p=p)
 
 
+@pytest.mark.parametrize("N, K, r, blocksize", [(70, 256, 5, 64), (16, 384, 40, 128), (33, 128, 1, 32)])
+def test_table_lookup_row_norm_matches_reference(N, K, r, blocksize):
+    # K a multiple of 128 and of the block: the row norm decodes W as the table-lookup GEMM does and
+    # reads A in the decoded tile's column order; a ragged N tile, the rank in one or two chunks
+    from peft_ops.kernels import dora as kdora
+
+    gen = torch.Generator().manual_seed(N + K)
+    weight = make_weight(N, K, torch.bfloat16, True, blocksize, gen)
+    A = torch.randn(r, K, generator=gen).to(DEVICE) / K**0.5
+    B = torch.randn(N, r, generator=gen).to(DEVICE)
+    assert kdora._lut_eligible(weight, N)
+    got = kdora.row_norm(weight, A, B, 0.5)
+    want = reference.dora_row_norm(weight, A, B, 0.5)
+    assert got.dtype == torch.float32 and got.shape == (N,)
+    bound = 16 * 2.0**-24 * norm_condition(weight, A, B, 0.5) * want.abs()
+    assert ((got.double() - want).abs() <= bound).all(), (got.double() - want).abs().max().item()
+
+
 @pytest.mark.parametrize("nf4", [False, True])
 def test_dora_at_initialisation_is_the_base_layer_bitwise(backend, nf4):
     # Right after PEFT's initialisation (B = 0, m = ‖W + s·B A‖) m/n is exactly 1, so DoRA must give
