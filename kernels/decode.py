@@ -39,6 +39,8 @@ from .nf4 import nf4_scale, stats_args
 
 BLOCK_K = 128
 MAX_M = 64   # rows of x the swapped GEMM takes (its N dimension)
+MAX_SHRINK_RANKS = 2   # ranks a tile's programs form of a fused shrink, at most (else its own launch)
+_A_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -52,6 +54,18 @@ def operand_order(t, BLOCK_K: tl.constexpr):
     R: tl.constexpr = t.shape[0]
     t = tl.permute(tl.reshape(t, (R, 4, 4, 2, 2, 2)), (0, 2, 3, 4, 1, 5))
     return tl.reshape(t, (R, BLOCK_K))
+
+
+@triton.jit
+def _shrink_step(x, acc, a_ptr, a_rows, r_rows, rank, offs_k, stride_ar, stride_ak, K, MIXED: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_K] + x ⊙ A[rank, offs_k] (fp32 fused multiply-adds): one K step of the
+    fused shrink's rank `rank`, from one A (broadcast over the rows) or, MIXED, each row's own
+    (`a_rows`, contiguous [r, K] of rank `r_rows`; zero past it)."""
+    if MIXED:
+        a = tl.load(a_rows[:, None] + rank * K + offs_k[None, :], mask=(rank < r_rows)[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptr + rank * stride_ar + offs_k * stride_ak)[None, :]
+    return tl.fma(x.to(tl.float32), a.to(tl.float32), acc)
 
 
 @triton.jit
@@ -144,16 +158,29 @@ def _decode_linear_kernel(
     absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr,
     # epilogue operands (one split), else the partials
     xa_ptr, b_ptr, mn_ptr, bias_ptr, scaling, y_ptr, z_ptr, part_ptr,
-    M, N, K, R, split_words, row_words,
+    # the fused shrink: lora_A (or, MIXED, the adapter table and each row's adapter) and the parts
+    # of x Aᵀ it writes
+    a_ptr, idx_ptr, xap_ptr,
+    M, N, K, R, E, split_words, row_words,
     stride_xm, stride_xk, stride_xam, stride_bn, stride_br, stride_ym, stride_ps,
+    stride_ar, stride_ak, stride_xaps,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     ROUND: tl.constexpr, BITWISE_BF16: tl.constexpr, DOT_DTYPE: tl.constexpr, RANK_PRECISION: tl.constexpr,
     DORA: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr, SPLIT_K: tl.constexpr,
+    SHRINK_RANKS: tl.constexpr, MIXED: tl.constexpr, A_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """yᵀ tile [BLOCK_N, BLOCK_M] over K words kw_begin.. of this split. `split_words` and
     `row_words` are K counts in 4-byte words, so the JIT sees them divisible by 16 and loads 16
-    bytes a thread."""
+    bytes a thread.
+
+    With SHRINK_RANKS (K split), the program of tile n also forms this split's part of ranks
+    n, n + tiles, .. (SHRINK_RANKS of them) of x Aᵀ from the x tiles it reads, in fp32 (fused
+    multiply-adds over K in a fixed order), into `xap_ptr` [splits, M, R]: the split-K epilogue
+    sums them, so the shrink needs no launch of its own. (The static model charges that work to
+    every program; only those of the first R tiles do it.) MIXED: each row m takes its own
+    adapter's A (`kernels.multi_lora`'s table at `a_ptr`, int64 [4, E], and idx[m]), zero for a
+    row of no adapter and past that adapter's rank, as `multi_lora.multi_shrink` forms it."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -169,6 +196,20 @@ def _decode_linear_kernel(
     rows_lo = _rows(row0, BLOCK_N)
     rows_hi = _rows(row0 + 8, BLOCK_N)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # the fused shrink: this split's part of ranks n, n + tiles (`SHRINK_RANKS` of them) of x Aᵀ,
+    # formed beside the tile from the same x tiles by the programs that have a rank to form
+    rank0 = pid_n
+    rank1 = pid_n + tl.num_programs(0)
+    a_rows = a_ptr
+    r_rows = R
+    if MIXED:   # each row's A (its first row) and rank
+        e = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)
+        named = mask_m & (e >= 0) & (e < E)
+        e = tl.where(named, e, 0)
+        a_rows = tl.load(a_ptr + e, mask=named, other=0).to(tl.pointer_type(A_DTYPE))
+        r_rows = tl.where(named, tl.load(a_ptr + 3 * E + e, mask=named, other=0), 0)
+    xa0 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    xa1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     kw_begin = pid_s * split_words
     for kw in range(kw_begin, tl.minimum(kw_begin + split_words, row_words), WORDS):
         k0 = kw * 8
@@ -179,6 +220,19 @@ def _decode_linear_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk, mask=mask_m[:, None],
                     other=0.0)
         acc = tl.dot(w, tl.trans(operand_order(x, BLOCK_K)).to(DOT_DTYPE), acc)   # x in W's column order
+        if SHRINK_RANKS > 0:
+            if rank0 < R:
+                xa0 = _shrink_step(x, xa0, a_ptr, a_rows, r_rows, rank0, k0 + offs_k, stride_ar, stride_ak, K, MIXED)
+        if SHRINK_RANKS > 1:
+            if rank1 < R:
+                xa1 = _shrink_step(x, xa1, a_ptr, a_rows, r_rows, rank1, k0 + offs_k, stride_ar, stride_ak, K, MIXED)
+    xap = xap_ptr + pid_s * stride_xaps + offs_m * R
+    if SHRINK_RANKS > 0:
+        if rank0 < R:
+            tl.store(xap + rank0, tl.sum(xa0, axis=1), mask=mask_m)
+    if SHRINK_RANKS > 1:
+        if rank1 < R:
+            tl.store(xap + rank1, tl.sum(xa1, axis=1), mask=mask_m)
     acc_mn = tl.trans(acc)                        # [BLOCK_M, BLOCK_N], as the epilogue takes it
     # a tile moved back from the end leaves the rows the previous tile stores: they point past N
     offs_n64 = tl.where(offs_n >= pid_n * BLOCK_N, offs_n, N).to(tl.int64)
@@ -222,14 +276,19 @@ def _config(M, N):
 
 
 def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=False, split_k=None,
-                  lora_A=None, shrink_split_k=None, parts=False):
+                  lora_A=None, shrink_split_k=None, parts=False, mixed_shrink=None):
     """y (and z with `save_z`) of `lora.fused_linear` for an NF4 weight at M <= 64, without dropout
     (`eligible` says when); same arguments and outputs. Given `lora_A` ([r, K]) instead of xa
-    (None), xa = x Aᵀ is formed here (`lora.lora_shrink`); when K is split, the split-K
-    epilogue sums the shrink's own K splits too, in order, so no launch sums them before
-    (`shrink_split_k` pins the shrink's splits, as `split_k` the GEMM's). With `parts`, when K is
-    split, the fp32 parts of x Wᵀ, [splits, M, N], come back instead, with no epilogue (for a
-    consumer that sums them itself: the mixed-adapter expand)."""
+    (None), xa = x Aᵀ is formed here. When K is split and each tile's programs have at most
+    `MAX_SHRINK_RANKS` ranks to form, the GEMM's own programs form it, split as the GEMM is;
+    otherwise `lora.lora_shrink` does (`shrink_split_k` pins its splits, as `split_k` the
+    GEMM's, and asks for it). Either way, when K is split the split-K epilogue sums the shrink's
+    parts in order, so no launch sums them before. With `parts`, when K is split, the fp32 parts
+    of x Wᵀ, [splits, M, N], come back instead, with no epilogue (for a consumer that sums them
+    itself: the mixed-adapter expand). With those parts, `mixed_shrink` = (table, idx, R,
+    adapter dtype) of a mixed-adapter batch (`kernels.multi_lora`) asks for its shrink's parts
+    too, [splits, M, R], formed in the same programs when there are few ranks a tile: then
+    (x Wᵀ parts, xa parts) come back."""
     M, K = x.shape
     N, R = lora_B.shape
     if (xa is None) == (lora_A is None):
@@ -247,11 +306,25 @@ def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     split_k = triton.cdiv(K, k_per_split)
     parts = parts and split_k > 1
+    mixed = parts and mixed_shrink is not None and triton.cdiv(mixed_shrink[2], tiles) <= MAX_SHRINK_RANKS
     xa_parts = None
+    # ranks each tile's programs form of the shrink (0: a shrink launch of its own, or none)
+    shrink_ranks = 0
     if lora_A is not None and not parts:
-        xa = _lora.lora_shrink(x, lora_A, split_k=shrink_split_k, sum_splits=split_k == 1)
+        fuse = split_k > 1 and shrink_split_k is None and triton.cdiv(R, tiles) <= MAX_SHRINK_RANKS
+        if fuse:
+            shrink_ranks = triton.cdiv(R, tiles)
+            xa_parts = torch.empty((split_k, M, R), dtype=torch.float32, device=x.device)
+        else:
+            xa_parts = _lora.lora_shrink(x, lora_A, split_k=shrink_split_k, sum_splits=split_k == 1)
         if split_k > 1:
-            xa_parts, xa = xa, xa[0]   # [parts, M, R]; the first part stands for xa's strides
+            xa = xa_parts[0]   # [parts, M, R]; the first part stands for xa's strides
+        else:
+            xa, xa_parts = xa_parts, None
+    if mixed:
+        table, idx, R_mixed, _ = mixed_shrink
+        shrink_ranks = triton.cdiv(R_mixed, tiles)
+        xa_parts = torch.empty((split_k, M, R_mixed), dtype=torch.float32, device=x.device)
     out_dtype = store_dtype(x.dtype)
     if parts:   # x Wᵀ's fp32 parts alone: the kernel writes `part`, nothing reads y, z or xa
         part = y = z = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
@@ -267,17 +340,22 @@ def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=
     _decode_linear_kernel[(tiles, split_k)](
         x, weight.packed, absmax, nested, nested_code, offset, code,
         xa, lora_B, mn_arg, bias_arg, scaling, y, z, part,
-        M, N, K, R, k_per_split // 8, K // 8,
+        table if mixed else lora_A if shrink_ranks else xa, idx if mixed else xa,
+        xa_parts if shrink_ranks else xa,
+        M, N, K, R_mixed if mixed else R, table.shape[1] if mixed else 0, k_per_split // 8, K // 8,
         x.stride(0), x.stride(1), xa.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0),
         part.stride(0) if split_k > 1 else 0,
+        *((0, 0, xa_parts.stride(0)) if mixed else (lora_A.stride(0), lora_A.stride(1), xa_parts.stride(0))
+          if shrink_ranks else (0, 0, 0)),
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nbs,
         ROUND=_ROUND[x.dtype] if interpreting() else 0, BITWISE_BF16=interpreting(),
         DOT_DTYPE=dots["DOT_DTYPE"], RANK_PRECISION=dots["RANK_PRECISION"], **flags, SPLIT_K=split_k,
+        SHRINK_RANKS=shrink_ranks, MIXED=mixed, A_DTYPE=_A_DTYPES[mixed_shrink[3]] if mixed else tl.float32,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
     )
     if parts:
-        return part
+        return (part, xa_parts) if mixed else part
     if split_k > 1:
         EM, EN = (16 if M <= 16 else 32), 64
         xa_sum = dict(stride_xas=0, XA_PARTS=1) if xa_parts is None else dict(

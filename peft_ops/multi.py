@@ -190,13 +190,14 @@ def _zero_rank(rows, device):
     return buf[:rows]
 
 
-def base_linear(x, weight, parts=False):
+def base_linear(x, weight, parts=False, mixed_shrink=None):
     """x Wᵀ [M, N] in x's dtype: the single-adapter forward GEMM (and its choice of strategy)
     with a zero adapter. With `parts`, a decode GEMM split over K may return its fp32 parts
-    [splits, M, N] instead, which `expand` sums (sparing the split-K epilogue's launch)."""
+    [splits, M, N] instead, which `expand` sums (sparing the split-K epilogue's launch), and,
+    given `mixed_shrink`, (those parts, the batch's shrink parts) (`ops.fused_linear`)."""
     N = weight.shape[0]
     return ops.fused_linear(x, weight, _zero_rank(x.shape[0], x.device), _zero_rank(N, x.device), 0.0,
-                            parts=parts)
+                            parts=parts, mixed_shrink=mixed_shrink)
 
 
 def base_dx(g, weight, out_dtype):
@@ -241,7 +242,14 @@ def expand(base, base_d, xa, ad: Adapters, idx, *, perm=None, bias=None, inv_kee
 
 
 def linear(x, weight, xa, ad: Adapters, idx, *, perm=None, bias=None, xd=None, inv_keep=1.0, save_z=False):
-    """y (and z): x Wᵀ (and xd Wᵀ) by the single-adapter GEMM, then `expand`."""
+    """y (and z): x Wᵀ (and xd Wᵀ) by the single-adapter GEMM, then `expand`. With xa None (no
+    grad, no dropout), xa = x A_aᵀ is formed here: by the decode GEMM's own programs when it can
+    (`base_linear`'s `mixed_shrink`), else by `shrink`, as parts `expand` sums."""
+    if xa is None:
+        fused = ops.use_triton(x)
+        base = base_linear(x, weight, parts=True, mixed_shrink=(ad.table, idx, ad.R, ad.dtype) if fused else None)
+        base, xa = base if isinstance(base, tuple) else (base, shrink(x, ad, idx, perm=perm, parts=True))
+        return expand(base, None, xa, ad, idx, perm=perm, bias=bias, save_z=save_z, out_dtype=x.dtype)
     base = base_linear(x, weight, parts=xd is None)
     base_d = base_linear(xd, weight) if xd is not None else None
     return expand(base, base_d, xa, ad, idx, perm=perm, bias=bias, inv_keep=inv_keep, save_z=save_z,
@@ -349,7 +357,9 @@ class MultiLoraLinearFunction(torch.autograd.Function):
             save_z = any(ctx.needs_input_grad[11 + 2 * E + e] for e in range(E))
             if p and ad.dora:
                 xa, xd = shrink(x, ad, idx, perm=perm, dropout=p, seed=seed, write_xd=True)  # drop(x) A_aᵀ, keep⊙x
-            else:   # without grad xa is not kept: its split shrink's parts go to `expand` as they are
+            elif not p and not any(ctx.needs_input_grad):
+                xa, xd = None, None   # not kept: `linear` forms it, as parts `expand` sums
+            else:
                 xa, xd = shrink(x, ad, idx, perm=perm, dropout=p, seed=seed,
                                 parts=not any(ctx.needs_input_grad)), None                       # drop(x) A_aᵀ
             out = linear(x, weight, xa, ad, idx, perm=perm, bias=bias, xd=xd, inv_keep=1.0 / (1.0 - p),

@@ -264,13 +264,16 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False):
 
 
 def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None, inv_keep=1.0,
-                 save_z=False, lora_A=None, parts=False):
+                 save_z=False, lora_A=None, parts=False, mixed_shrink=None):
     """Forward GEMM with epilogue; returns y, or (y, z) with `save_z` (DoRA's pre-scale output).
     For DoRA with dropout, xd = keep ⊙ x and inv_keep = 1/(1-p). Given `lora_A` instead of xa
     (None), without dropout, the op forms xa = x Aᵀ itself and does not return it (the forward
     without grad; at decode sizes the split-K epilogue sums the shrink's K splits). With `parts`
     (a zero adapter: x Wᵀ alone, the mixed-adapter path's base), the decode GEMM, when it splits
-    K, returns its fp32 parts [splits, M, N] for the consumer to sum, with no epilogue."""
+    K, returns its fp32 parts [splits, M, N] for the consumer to sum, with no epilogue; with
+    `mixed_shrink` as well ((table, idx, R, adapter dtype) of a mixed-adapter batch), it may form
+    that batch's shrink in the same launch and return (x Wᵀ parts, xa parts) (see
+    `kernels.decode.decode_linear`)."""
     if (xa is None) == (lora_A is None) or (lora_A is not None and xd is not None):
         raise ValueError("fused_linear: pass exactly one of xa and lora_A (lora_A only without xd)")
     if use_triton(x):
@@ -284,7 +287,8 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
             "fused": lambda: _lora.fused_linear(x, weight, xa_(), lora_B, scaling, **kw),
             # the table-lookup decode: in the swapped GEMM up to 64 rows, in the TMA GEMM's loop above
             "fused_lut": lambda: _decode.decode_linear(x, weight, xa, lora_B, scaling, bias=bias, mn=mn,
-                                                       save_z=save_z, lora_A=lora_A, parts=parts)
+                                                       save_z=save_z, lora_A=lora_A, parts=parts,
+                                                       mixed_shrink=mixed_shrink)
             if x.shape[0] <= _decode.MAX_M
             else _gemm.gemm_forward(x, weight, xa_(), lora_B, scaling, backend="lut", **kw),
             "dequant_gemm": lambda: _gemm.gemm_forward(x, weight, xa_(), lora_B, scaling, buffer_bytes=budget,
@@ -297,7 +301,7 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
         else:   # the swapped GEMM has no second accumulator (DoRA's dropout form)
             why_not_lut = "DoRA's dropout form" if xd is not None else _decode.eligible(x, weight)
         flags = dict(dora=mn is not None, second=xd is not None, bias=bias is not None, z=save_z,
-                     shrink=lora_A is not None, parts=parts)
+                     shrink=lora_A is not None or mixed_shrink is not None, parts=parts)
         return candidates[strategy.choose("forward", x, weight, flags, candidates, why_not_lut)]()
     if lora_A is not None:
         xa = lora_shrink(x, lora_A)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import warnings
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -180,6 +182,45 @@ def test_mixed_expand_sums_split_parts(dtype):
             y_ref = reference.lora_linear_multi(x, w4, As, Bs, [0.5, 1.0, 0.75], idx, magnitudes=ms)
             y_op = peft_ops.lora_linear_multi(x, w4, As, Bs, [0.5, 1.0, 0.75], idx, magnitude=ms)
             assert_close(y_op, y_ref, TOL[dtype], "y without grad, NF4")
+
+
+@pytest.mark.skipif(not (_config.interpreting() or DEVICE.type == "cuda"),
+                    reason="calls the Triton launchers directly (the twins have no split parts): in the "
+                    "interpreter, which tests/conftest.py turns on, or on a GPU")
+@pytest.mark.parametrize("ranks, idx", [([4, 2, 3], [0, -1, 2, 1, 0]), ([1, 2], [1, 1, 1]), ([3], [-1, 0])],
+                         ids=["three", "one-adapter-rows", "two-rows"])
+def test_decode_forms_the_mixed_shrink_in_its_own_programs(monkeypatch, ranks, idx):
+    # Without grad the mixed batch's decode GEMM (split over K, few ranks a tile) forms each row's
+    # x A_aᵀ in its own programs: x Wᵀ's parts exactly as without, the shrink's parts summing to
+    # the mixed shrink's (zero for rows of no adapter and past an adapter's rank), and the same y
+    # from the expand (m/2 stands for m/n, as above).
+    from peft_ops.kernels import decode as kdecode
+    from peft_ops.kernels import multi_lora as kml
+
+    gen = torch.Generator().manual_seed(len(idx) * 10 + len(ranks))
+    M, N, K, dtype = len(idx), 48, 384, torch.bfloat16    # two tiles in the interpreter
+    w4 = peft_ops.NF4Weight.quantize((torch.randn(N, K, generator=gen) / K ** 0.5).to(DEVICE, dtype))
+    x = torch.randn(M, K, generator=gen).to(DEVICE, dtype)
+    As, Bs, ms = make_adapters(len(ranks), N, K, ranks, [True] * len(ranks), gen)
+    idx = torch.tensor(idx, device=DEVICE, dtype=torch.int32)
+    ad = multi.Adapters(As, Bs, [m / 2 for m in ms], [0.5] * len(ranks), DEVICE)
+    zero_a, zero_b = multi._zero_rank(M, DEVICE), multi._zero_rank(N, DEVICE)
+    shrink = mock.Mock(wraps=kml.multi_shrink)
+    monkeypatch.setattr(kml, "multi_shrink", shrink)
+    base_parts, xa_parts = kdecode.decode_linear(x, w4, zero_a, zero_b, 0.0, split_k=3, parts=True,
+                                                 mixed_shrink=(ad.table, idx, ad.R, ad.dtype))
+    assert not shrink.called
+    assert xa_parts.shape == (3, M, ad.R) and xa_parts.dtype == torch.float32
+    assert torch.equal(base_parts, kdecode.decode_linear(x, w4, zero_a, zero_b, 0.0, split_k=3, parts=True))
+    xa = kml.multi_shrink(x, ad.table, idx, ad.R, ad.dtype)
+    torch.testing.assert_close(xa_parts.sum(0), xa, atol=1e-5, rtol=1e-5)
+    for m, a in enumerate(idx.tolist()):   # exact zeros where a row has no adapter or rank
+        r = ranks[a] if a >= 0 else 0
+        assert not xa_parts[:, m, r:].any()
+    y_parts = kml.multi_expand(base_parts, None, xa_parts, ad.table, ad.scale_table, idx, ad.dtype, dora=True,
+                               out_dtype=dtype)
+    y_xa = kml.multi_expand(base_parts, None, xa, ad.table, ad.scale_table, idx, ad.dtype, dora=True, out_dtype=dtype)
+    assert_close(y_parts, y_xa, TOL[dtype], "y from the fused shrink")
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
@@ -652,7 +693,7 @@ print(json.dumps(out))
 
 def test_static_model_costs_the_serving_cases(tmp_path):
     # every launch of the serving cases matches its loop table (no ModelError), no row norm is
-    # launched without grad once the cache is warm, and the mixed batch runs a fixed set of launches
+    # launched without grad once the cache is warm, and the decode steps run a fixed set of launches
     env = dict(os.environ, TRITON_INTERPRET="0", PEFT_OPS_MODEL_CACHE=str(tmp_path))
     run = subprocess.run([sys.executable, "-c", STATIC_CHILD.format(root=ROOT)], env=env, capture_output=True,
                          text=True, timeout=1200)
@@ -660,7 +701,10 @@ def test_static_model_costs_the_serving_cases(tmp_path):
     out = __import__("json").loads(run.stdout.strip().splitlines()[-1])
     if "unavailable" in out:
         pytest.skip(out["unavailable"])
+    # at decode sizes the decode GEMM forms the shrink in its own programs: two launches a step
     mixed = out["qdora_mixed decode M=16 N=1024 K=1024 r=16 adapters=8"]
-    assert "_multi_shrink_kernel" in mixed[1] and "_multi_expand_kernel" in mixed[1]
+    assert mixed[1] == ["_decode_linear_kernel", "_multi_expand_kernel"], mixed[1]
+    one = out["qdora decode M=16 N=1024 K=1024 r=16"]
+    assert one[1] == ["_decode_linear_kernel", "_split_k_epilogue_kernel"], one[1]
     for label, (seconds, launches) in out.items():
         assert seconds > 0 and "_row_norm_kernel" not in launches, (label, launches)

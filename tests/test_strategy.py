@@ -3,9 +3,11 @@ fp64 reference and against the fused kernels, their bounded buffers, the rule, t
 warning. Kernels run in Triton's interpreter (TRITON_INTERPRET=1 from conftest)."""
 
 import warnings
+from unittest import mock
 
 import pytest
 import torch
+import triton
 
 import peft_ops
 from peft_ops import strategy
@@ -156,6 +158,42 @@ def test_decode_forms_xa_from_lora_A(dtype, M, N, K, r, split_k, shrink_split_k)
             torch.testing.assert_close(got.double(), exact, atol=2e-2 * scale, rtol=0)
     with pytest.raises(ValueError, match="exactly one of xa and lora_A"):
         kdecode.decode_linear(x, W, klora.lora_shrink(x, A), B, 0.5, lora_A=A)
+
+
+@pytest.mark.parametrize("M,N,K,r,split_k", [
+    (1, 48, 512, 3, 3),     # two tiles, two ranks for the first tile's programs, one for the second's
+    (5, 70, 384, 2, 2),     # a ragged N tile, a rank each
+    (17, 32, 512, 1, 4),    # one tile, 17 rows
+    (3, 48, 256, 16, 2),    # eight ranks a tile: the shrink's own launch
+])
+def test_decode_forms_the_shrink_in_its_own_programs(monkeypatch, M, N, K, r, split_k):
+    # K split and few ranks a tile: the decode's programs form x Aᵀ from the x tiles they read, in
+    # fp32, and the split-K epilogue sums its parts; same result as given xa, to fp32 sums.
+    from peft_ops.kernels import decode as kdecode
+
+    gen = torch.Generator().manual_seed(M * N + r)
+    dtype = torch.bfloat16
+    W = peft_ops.NF4Weight.quantize(torch.randn(N, K, generator=gen).to(DEVICE, dtype), blocksize=64)
+    x = torch.randn(M, K, generator=gen).to(DEVICE, dtype)
+    A, B = torch.randn(r, K, generator=gen).to(DEVICE) / 8, torch.randn(N, r, generator=gen).to(DEVICE)
+    mn = torch.rand(N, generator=gen).to(DEVICE) + 0.5
+    shrink = mock.Mock(wraps=klora.lora_shrink)
+    monkeypatch.setattr(klora, "lora_shrink", shrink)
+    fused = triton.cdiv(r, triton.cdiv(N, kdecode._config(M, N)["BLOCK_N"])) <= kdecode.MAX_SHRINK_RANKS
+    z64 = x.double() @ W.dequantize(dtype).double().t() + 0.5 * (x.double() @ A.double().t()) @ B.double().t()
+    for kw, want in ((dict(), (z64,)), (dict(mn=mn, save_z=True), (mn.double() * z64, z64))):
+        outs = lambda y: y if isinstance(y, tuple) else (y,)
+        formed = outs(kdecode.decode_linear(x, W, None, B, 0.5, split_k=split_k, lora_A=A, **kw))
+        assert shrink.called != fused, (fused, shrink.call_count)
+        again = outs(kdecode.decode_linear(x, W, None, B, 0.5, split_k=split_k, lora_A=A, **kw))
+        assert all(torch.equal(a, b) for a, b in zip(formed, again)), "not repeatable"
+        given = outs(kdecode.decode_linear(x, W, klora.lora_shrink(x, A), B, 0.5, split_k=split_k, **kw))
+        shrink.reset_mock()
+        for got, ref, exact in zip(formed, given, want):
+            assert got.dtype == dtype and got.shape == (M, N)
+            scale = exact.abs().max().item()
+            torch.testing.assert_close(got.double(), ref.double(), atol=1e-2 * scale, rtol=0)
+            torch.testing.assert_close(got.double(), exact, atol=2e-2 * scale, rtol=0)
 
 
 def test_small_m_and_unaligned_k_stay_fused(monkeypatch):
