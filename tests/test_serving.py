@@ -187,9 +187,10 @@ def test_mixed_expand_sums_split_parts(dtype):
 @pytest.mark.skipif(not (_config.interpreting() or DEVICE.type == "cuda"),
                     reason="calls the Triton launchers directly (the twins have no split parts): in the "
                     "interpreter, which tests/conftest.py turns on, or on a GPU")
-@pytest.mark.parametrize("ranks, idx", [([4, 2, 3], [0, -1, 2, 1, 0]), ([1, 2], [1, 1, 1]), ([3], [-1, 0])],
-                         ids=["three", "one-adapter-rows", "two-rows"])
-def test_decode_forms_the_mixed_shrink_in_its_own_programs(monkeypatch, ranks, idx):
+@pytest.mark.parametrize("ranks, idx, adapter_dtype", [([4, 2, 3], [0, -1, 2, 1, 0], torch.float32),
+                                                 ([1, 2], [1, 1, 1], torch.bfloat16), ([3], [-1, 0], torch.float32)],
+                         ids=["three", "one-adapter-rows-bf16", "two-rows"])
+def test_decode_forms_the_mixed_shrink_in_its_own_programs(monkeypatch, ranks, idx, adapter_dtype):
     # Without grad the mixed batch's decode GEMM (split over K, few ranks a tile) forms each row's
     # x A_aᵀ in its own programs: x Wᵀ's parts exactly as without, the shrink's parts summing to
     # the mixed shrink's (zero for rows of no adapter and past an adapter's rank), and the same y
@@ -201,9 +202,9 @@ def test_decode_forms_the_mixed_shrink_in_its_own_programs(monkeypatch, ranks, i
     M, N, K, dtype = len(idx), 48, 384, torch.bfloat16    # two tiles in the interpreter
     w4 = peft_ops.NF4Weight.quantize((torch.randn(N, K, generator=gen) / K ** 0.5).to(DEVICE, dtype))
     x = torch.randn(M, K, generator=gen).to(DEVICE, dtype)
-    As, Bs, ms = make_adapters(len(ranks), N, K, ranks, [True] * len(ranks), gen)
+    As, Bs, ms = make_adapters(len(ranks), N, K, ranks, [True] * len(ranks), gen, adapter_dtype)
     idx = torch.tensor(idx, device=DEVICE, dtype=torch.int32)
-    ad = multi.Adapters(As, Bs, [m / 2 for m in ms], [0.5] * len(ranks), DEVICE)
+    ad = multi.Adapters(As, Bs, [m.float() / 2 for m in ms], [0.5] * len(ranks), DEVICE)
     zero_a, zero_b = multi._zero_rank(M, DEVICE), multi._zero_rank(N, DEVICE)
     shrink = mock.Mock(wraps=kml.multi_shrink)
     monkeypatch.setattr(kml, "multi_shrink", shrink)

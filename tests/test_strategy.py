@@ -160,22 +160,26 @@ def test_decode_forms_xa_from_lora_A(dtype, M, N, K, r, split_k, shrink_split_k)
         kdecode.decode_linear(x, W, klora.lora_shrink(x, A), B, 0.5, lora_A=A)
 
 
-@pytest.mark.parametrize("M,N,K,r,split_k", [
-    (1, 48, 512, 3, 3),     # two tiles, two ranks for the first tile's programs, one for the second's
-    (5, 70, 384, 2, 2),     # a ragged N tile, a rank each
-    (17, 32, 512, 1, 4),    # one tile, 17 rows
-    (3, 48, 256, 16, 2),    # eight ranks a tile: the shrink's own launch
+@pytest.mark.parametrize("M,N,K,r,split_k,dtype,a_layout", [
+    (1, 48, 512, 3, 3, torch.bfloat16, "contiguous"),   # two tiles: two ranks for tile 0's programs, one for 1's
+    (5, 70, 384, 2, 2, torch.float16, "transposed"),    # a ragged N tile, a rank each; A a transposed view
+    (17, 32, 512, 1, 4, torch.bfloat16, "bf16"),        # one tile, 17 rows; a bf16 A
+    (3, 48, 256, 16, 2, torch.bfloat16, "contiguous"),  # eight ranks a tile: the shrink's own launch
 ])
-def test_decode_forms_the_shrink_in_its_own_programs(monkeypatch, M, N, K, r, split_k):
+def test_decode_forms_the_shrink_in_its_own_programs(monkeypatch, M, N, K, r, split_k, dtype, a_layout):
     # K split and few ranks a tile: the decode's programs form x Aᵀ from the x tiles they read, in
     # fp32, and the split-K epilogue sums its parts; same result as given xa, to fp32 sums.
     from peft_ops.kernels import decode as kdecode
 
     gen = torch.Generator().manual_seed(M * N + r)
-    dtype = torch.bfloat16
     W = peft_ops.NF4Weight.quantize(torch.randn(N, K, generator=gen).to(DEVICE, dtype), blocksize=64)
     x = torch.randn(M, K, generator=gen).to(DEVICE, dtype)
     A, B = torch.randn(r, K, generator=gen).to(DEVICE) / 8, torch.randn(N, r, generator=gen).to(DEVICE)
+    if a_layout == "transposed":
+        A = A.t().contiguous().t()
+        assert A.stride(1) != 1
+    elif a_layout == "bf16":
+        A = A.to(torch.bfloat16)
     mn = torch.rand(N, generator=gen).to(DEVICE) + 0.5
     shrink = mock.Mock(wraps=klora.lora_shrink)
     monkeypatch.setattr(klora, "lora_shrink", shrink)
