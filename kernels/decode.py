@@ -120,8 +120,8 @@ def lut_tile(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, 
 
     Returned as (w, w · f) with f the factor `factor_ptr[row]` of each row when FACTOR, else
     (w, w). The tile's logical columns are in the order the register A operand of the tensor core
-    wants (see `operand_order`) or, NATURAL, in K order
-    (for a tile that goes to shared memory as a wgmma operand)."""
+    wants (see `operand_order`) or, NATURAL, in K order (for a tile that goes to shared memory as a
+    wgmma operand)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     word = tl.join(_words(words_ptr, rows_lo, kw, row_words, WORDS),
                    _words(words_ptr, rows_hi, kw, row_words, WORDS))
