@@ -244,6 +244,11 @@ def workload(quick=False):
     case("qdora bf16 K=999 M=48 r=16 bias", odd, torch.bfloat16, 48, 16, True, 0.05, True, bias=True)
     case("qlora bf16 K=999 M=1 r=16", odd, torch.bfloat16, 1, 16, False, 0.0, False)
     case("qdora bf16 M=512 r=256", weights["nf4"](torch.bfloat16), torch.bfloat16, 512, 256, True, 0.0, True)
+    # decode with the shrink formed in the decode GEMM's programs (K split, at most two ranks a
+    # 128-row tile: 4096 rows are 32 tiles), one rank and two a tile, 1 and 64 rows
+    wide = peft_ops.NF4Weight.quantize(torch.randn(4096, K, generator=gen).to(torch.bfloat16))
+    for M, r in ((1, 32), (64, 64)):
+        case(f"qdora bf16 N=4096 M={M} r={r}", wide, torch.bfloat16, M, r, True, 0.0, False)
 
     # the storage kernels, called the way NF4Weight calls them, and the test-side mask kernel
     from peft_ops.kernels import dropout as kdropout
@@ -287,6 +292,7 @@ def workload(quick=False):
                     train = M > 16
                     for p in ((0.0, 0.05) if train and dtype == torch.bfloat16 else (0.0,)):
                         multi(f"{op} {str(dtype)[6:]} M={M} p={p}", weight, dtype, M, dora, p, train)
+    multi("mixed qdora bf16 N=4096 M=16 p=0.0", wide, torch.bfloat16, 16, True, 0.0, False)   # its shrink in the decode
     return jobs
 
 

@@ -295,6 +295,8 @@ def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=
         raise ValueError("decode_linear: pass exactly one of xa and lora_A")
     cfg = _config(M, N)
     BLOCK_N = cfg["BLOCK_N"]
+    if N < BLOCK_N:   # (the last tile starts at N - BLOCK_N)
+        raise ValueError(f"decode_linear: {N} output features, fewer than a {BLOCK_N}-row tile (see `eligible`)")
     BLOCK_M = max(16, _pow2(M))
     absmax, nested, nested_code, offset, code, dq, nbs = stats_args(weight)
     dots = _dot_args(x.dtype)

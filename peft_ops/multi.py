@@ -327,11 +327,13 @@ def column_dot(a, b, ad: Adapters, idx, *, perm=None, bounds=None):
 # ---------------------------------------------------------------------------------------------
 
 class _Plan:
-    """The call's Python-side facts (E, the scalings that are numbers) and, without grad, the
-    adapter table and scalings a cache handed over; kept on ctx."""
+    """The call's Python-side facts (E, the scalings that are numbers, whether any gradient is
+    wanted: `ctx.needs_input_grad` reads requires_grad even under no_grad) and, without grad,
+    the adapter table and scalings a cache handed over; kept on ctx."""
 
-    def __init__(self, E, scalings, table=None, scale_table=None):
+    def __init__(self, E, scalings, table=None, scale_table=None, grad=True):
         self.E, self.scalings, self.table, self.scale_table = E, scalings, table, scale_table
+        self.grad = grad
 
 
 def _split(tensors, E):
@@ -354,14 +356,14 @@ class MultiLoraLinearFunction(torch.autograd.Function):
         scalings = [s if s is not None else f for s, f in zip(scs, plan.scalings)]
         with lib._exact(x):   # the ops compute in their own precision, also under autocast
             ad = Adapters(As, Bs, mns, scalings, x.device, plan.table, plan.scale_table)
-            save_z = any(ctx.needs_input_grad[11 + 2 * E + e] for e in range(E))
+            need = ctx.needs_input_grad if plan.grad else (False,) * len(ctx.needs_input_grad)
+            save_z = any(need[11 + 2 * E + e] for e in range(E))
             if p and ad.dora:
                 xa, xd = shrink(x, ad, idx, perm=perm, dropout=p, seed=seed, write_xd=True)  # drop(x) A_aᵀ, keep⊙x
-            elif not p and not any(ctx.needs_input_grad):
+            elif not p and not any(need):
                 xa, xd = None, None   # not kept: `linear` forms it, as parts `expand` sums
             else:
-                xa, xd = shrink(x, ad, idx, perm=perm, dropout=p, seed=seed,
-                                parts=not any(ctx.needs_input_grad)), None                       # drop(x) A_aᵀ
+                xa, xd = shrink(x, ad, idx, perm=perm, dropout=p, seed=seed, parts=not any(need)), None  # drop(x) A_aᵀ
             out = linear(x, weight, xa, ad, idx, perm=perm, bias=bias, xd=xd, inv_keep=1.0 / (1.0 - p),
                          save_z=save_z)                                                        # y (and z)
         y, z = out if save_z else (out, None)
@@ -673,7 +675,7 @@ def multi_call(x, weight, As, Bs, scalings, mags, idx, *, bias=None, dropout=0.0
         perm, bounds = sort_rows(idx, E)
     if not grad:
         mns = [mn if mn is not None or m is None else m.detach().float() / n for m, n, mn in zip(mags, ns, mns)]
-    plan = _Plan(E, [None if isinstance(s, torch.Tensor) else float(s) for s in scalings], table, scale_t)
+    plan = _Plan(E, [None if isinstance(s, torch.Tensor) else float(s) for s in scalings], table, scale_t, grad)
     scs = [s if isinstance(s, torch.Tensor) else None for s in scalings]
     tensors, meta, offset = lib.weight_operands(weight)
     return MultiLoraLinearFunction.apply(x2, tuple(x.shape[:-1]), idx, perm, bounds, bias, p, seed, meta, offset,

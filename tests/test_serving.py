@@ -187,9 +187,12 @@ def test_mixed_expand_sums_split_parts(dtype):
 @pytest.mark.skipif(not (_config.interpreting() or DEVICE.type == "cuda"),
                     reason="calls the Triton launchers directly (the twins have no split parts): in the "
                     "interpreter, which tests/conftest.py turns on, or on a GPU")
-@pytest.mark.parametrize("ranks, idx, adapter_dtype", [([4, 2, 3], [0, -1, 2, 1, 0], torch.float32),
-                                                 ([1, 2], [1, 1, 1], torch.bfloat16), ([3], [-1, 0], torch.float32)],
-                         ids=["three", "one-adapter-rows-bf16", "two-rows"])
+@pytest.mark.parametrize("ranks, idx, adapter_dtype", [
+    ([4, 2, 3], [0, -1, 2, 1, 0], torch.float32),
+    ([1, 2], [1, 1, 1], torch.bfloat16),
+    ([3], [-1, 0], torch.float16),
+    ([2, 4], [1, 0, 2, -1, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0], torch.float32),   # 20 rows; 2 names none
+], ids=["three", "one-adapter-rows-bf16", "two-rows-fp16", "twenty-rows"])
 def test_decode_forms_the_mixed_shrink_in_its_own_programs(monkeypatch, ranks, idx, adapter_dtype):
     # Without grad the mixed batch's decode GEMM (split over K, few ranks a tile) forms each row's
     # x A_aᵀ in its own programs: x Wᵀ's parts exactly as without, the shrink's parts summing to
@@ -199,7 +202,8 @@ def test_decode_forms_the_mixed_shrink_in_its_own_programs(monkeypatch, ranks, i
     from peft_ops.kernels import multi_lora as kml
 
     gen = torch.Generator().manual_seed(len(idx) * 10 + len(ranks))
-    M, N, K, dtype = len(idx), 48, 384, torch.bfloat16    # two tiles in the interpreter
+    # two tiles in the interpreter, three on a GPU
+    M, N, K, dtype = len(idx), 48 if _config.interpreting() else 384, 384, torch.bfloat16
     w4 = peft_ops.NF4Weight.quantize((torch.randn(N, K, generator=gen) / K ** 0.5).to(DEVICE, dtype))
     x = torch.randn(M, K, generator=gen).to(DEVICE, dtype)
     As, Bs, ms = make_adapters(len(ranks), N, K, ranks, [True] * len(ranks), gen, adapter_dtype)
@@ -216,12 +220,43 @@ def test_decode_forms_the_mixed_shrink_in_its_own_programs(monkeypatch, ranks, i
     xa = kml.multi_shrink(x, ad.table, idx, ad.R, ad.dtype)
     torch.testing.assert_close(xa_parts.sum(0), xa, atol=1e-5, rtol=1e-5)
     for m, a in enumerate(idx.tolist()):   # exact zeros where a row has no adapter or rank
-        r = ranks[a] if a >= 0 else 0
+        r = ranks[a] if 0 <= a < len(ranks) else 0
         assert not xa_parts[:, m, r:].any()
     y_parts = kml.multi_expand(base_parts, None, xa_parts, ad.table, ad.scale_table, idx, ad.dtype, dora=True,
                                out_dtype=dtype)
     y_xa = kml.multi_expand(base_parts, None, xa, ad.table, ad.scale_table, idx, ad.dtype, dora=True, out_dtype=dtype)
     assert_close(y_parts, y_xa, TOL[dtype], "y from the fused shrink")
+
+
+@pytest.mark.skipif(not (_config.interpreting() or DEVICE.type == "cuda"),
+                    reason="patches the Triton decode launcher (the twins have no split parts): in the "
+                    "interpreter, which tests/conftest.py turns on, or on a GPU")
+@pytest.mark.parametrize("adapters_require_grad", [False, True], ids=["frozen", "trainable"])
+def test_mixed_decode_without_grad_forms_its_shrink_in_the_decode(monkeypatch, adapters_require_grad):
+    # lora_linear_multi without grad (trainable adapters too, as in an eval loop during training),
+    # the decode GEMM split over K as on a GPU: it forms the batch's shrink (no mixed shrink
+    # launch), and y is the reference's
+    from functools import partial
+
+    from peft_ops.kernels import decode as kdecode
+    from peft_ops.kernels import multi_lora as kml
+
+    gen = torch.Generator().manual_seed(11)
+    M, N, K, ranks, dtype = 6, 48 if _config.interpreting() else 384, 384, [4, 2, 3], torch.bfloat16
+    w4 = peft_ops.NF4Weight.quantize((torch.randn(N, K, generator=gen) / K ** 0.5).to(DEVICE, dtype))
+    x = torch.randn(M, K, generator=gen).to(DEVICE, dtype)
+    As, Bs, ms = make_adapters(3, N, K, ranks, [True, False, True], gen)
+    if not adapters_require_grad:
+        As, Bs, ms = ([None if t is None else t.detach() for t in ts] for ts in (As, Bs, ms))
+    idx = torch.tensor([0, -1, 2, 1, 0, 2], device=DEVICE)
+    monkeypatch.setattr(kdecode, "decode_linear", partial(kdecode.decode_linear, split_k=3))
+    shrink = mock.Mock(wraps=kml.multi_shrink)
+    monkeypatch.setattr(kml, "multi_shrink", shrink)
+    with torch.no_grad():
+        y = peft_ops.lora_linear_multi(x, w4, As, Bs, [0.5, 1.0, 0.75], idx, magnitude=ms)
+    assert not shrink.called
+    y_ref = reference.lora_linear_multi(x, w4, As, Bs, [0.5, 1.0, 0.75], idx, magnitudes=ms)
+    assert_close(y, y_ref, TOL[dtype], "y without grad, shrink in the decode")
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])

@@ -17,6 +17,12 @@ from peft_ops.kernels import lora as klora
 
 from test_lora import DEVICE, run_case
 
+def _rows(n):
+    """Output features for a direct decode-launcher test of `n` in the interpreter: a GPU's tiles
+    are 128 rows (the interpreter's at most 64), so there the same tiling takes 8x as many."""
+    return n if _config.interpreting() else 8 * n
+
+
 pytestmark = pytest.mark.skipif(not (_config.interpreting() or DEVICE.type == "cuda"),
                                 reason="the strategies run Triton kernels: in the interpreter (tests/conftest.py "
                                 "sets TRITON_INTERPRET=1) or on a GPU (PEFT_OPS_TEST_DEVICE=cuda)")
@@ -111,10 +117,11 @@ def test_split_k_table_lookup_equals_one_pass():
     from peft_ops.kernels import decode as kdecode
 
     gen = torch.Generator().manual_seed(3)
-    W = peft_ops.NF4Weight.quantize(torch.randn(48, 512, generator=gen).to(DEVICE, torch.bfloat16), blocksize=64)
+    N = _rows(48)
+    W = peft_ops.NF4Weight.quantize(torch.randn(N, 512, generator=gen).to(DEVICE, torch.bfloat16), blocksize=64)
     x = torch.randn(5, 512, generator=gen).to(DEVICE, torch.bfloat16)
-    xa, B = torch.randn(5, 4, generator=gen).to(DEVICE), torch.randn(48, 4, generator=gen).to(DEVICE)
-    mn = torch.rand(48, generator=gen).to(DEVICE) + 0.5
+    xa, B = torch.randn(5, 4, generator=gen).to(DEVICE), torch.randn(N, 4, generator=gen).to(DEVICE)
+    mn = torch.rand(N, generator=gen).to(DEVICE) + 0.5
     one = kdecode.decode_linear(x, W, xa, B, 0.5, mn=mn, save_z=True, split_k=1)
     three = kdecode.decode_linear(x, W, xa, B, 0.5, mn=mn, save_z=True, split_k=3)
     for a, b in zip(one, three):
@@ -134,6 +141,7 @@ def test_decode_forms_xa_from_lora_A(dtype, M, N, K, r, split_k, shrink_split_k)
     from peft_ops.kernels import decode as kdecode
 
     gen = torch.Generator().manual_seed(M + N + r)
+    N = _rows(N)
     W = peft_ops.NF4Weight.quantize(torch.randn(N, K, generator=gen).to(DEVICE, dtype), blocksize=64)
     x = torch.randn(M, K, generator=gen).to(DEVICE, dtype)
     A, B = torch.randn(r, K, generator=gen).to(DEVICE) / 8, torch.randn(N, r, generator=gen).to(DEVICE)
@@ -158,10 +166,13 @@ def test_decode_forms_xa_from_lora_A(dtype, M, N, K, r, split_k, shrink_split_k)
             torch.testing.assert_close(got.double(), exact, atol=2e-2 * scale, rtol=0)
     with pytest.raises(ValueError, match="exactly one of xa and lora_A"):
         kdecode.decode_linear(x, W, klora.lora_shrink(x, A), B, 0.5, lora_A=A)
+    small = peft_ops.NF4Weight.quantize(torch.randn(8, K, generator=gen).to(DEVICE, dtype), blocksize=64)
+    with pytest.raises(ValueError, match="8 output features, fewer than a"):   # (not `eligible`)
+        kdecode.decode_linear(x, small, klora.lora_shrink(x, A), B[:8], 0.5)
 
 
 @pytest.mark.parametrize("M,N,K,r,split_k,dtype,a_layout", [
-    (1, 48, 512, 3, 3, torch.bfloat16, "contiguous"),   # two tiles: two ranks for tile 0's programs, one for 1's
+    (1, 48, 512, 3, 3, torch.bfloat16, "contiguous"),   # two tiles (three on a GPU): two ranks for tile 0's programs
     (5, 70, 384, 2, 2, torch.float16, "transposed"),    # a ragged N tile, a rank each; A a transposed view
     (17, 32, 512, 1, 4, torch.bfloat16, "bf16"),        # one tile, 17 rows; a bf16 A
     (3, 48, 256, 16, 2, torch.bfloat16, "contiguous"),  # eight ranks a tile: the shrink's own launch
@@ -172,6 +183,7 @@ def test_decode_forms_the_shrink_in_its_own_programs(monkeypatch, M, N, K, r, sp
     from peft_ops.kernels import decode as kdecode
 
     gen = torch.Generator().manual_seed(M * N + r)
+    N = _rows(N)
     W = peft_ops.NF4Weight.quantize(torch.randn(N, K, generator=gen).to(DEVICE, dtype), blocksize=64)
     x = torch.randn(M, K, generator=gen).to(DEVICE, dtype)
     A, B = torch.randn(r, K, generator=gen).to(DEVICE) / 8, torch.randn(N, r, generator=gen).to(DEVICE)
