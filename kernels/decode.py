@@ -57,14 +57,15 @@ def operand_order(t, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _shrink_step(x, acc, a_ptr, a_rows, r_rows, rank, offs_k, stride_ar, stride_ak, K, MIXED: tl.constexpr):
+def _shrink_step(x, acc, a_rows, r_rows, rank, offs_k, stride_ar, stride_ak, K, MIXED: tl.constexpr):
     """acc [BLOCK_M, BLOCK_K] + x ⊙ A[rank, offs_k] (fp32 fused multiply-adds): one K step of the
-    fused shrink's rank `rank`, from one A (broadcast over the rows) or, MIXED, each row's own
-    (`a_rows`, contiguous [r, K] of rank `r_rows`; zero past it)."""
+    fused shrink's rank `rank`, from one A (`a_rows` its pointer, broadcast over the rows) or,
+    MIXED, each row's own (`a_rows` [BLOCK_M] pointers to contiguous [r, K] of rank `r_rows`;
+    zero past it)."""
     if MIXED:
         a = tl.load(a_rows[:, None] + rank * K + offs_k[None, :], mask=(rank < r_rows)[:, None], other=0.0)
     else:
-        a = tl.load(a_ptr + rank * stride_ar + offs_k * stride_ak)[None, :]
+        a = tl.load(a_rows + rank * stride_ar + offs_k * stride_ak)[None, :]
     return tl.fma(x.to(tl.float32), a.to(tl.float32), acc)
 
 
@@ -222,10 +223,10 @@ def _decode_linear_kernel(
         acc = tl.dot(w, tl.trans(operand_order(x, BLOCK_K)).to(DOT_DTYPE), acc)   # x in W's column order
         if SHRINK_RANKS > 0:
             if rank0 < R:
-                xa0 = _shrink_step(x, xa0, a_ptr, a_rows, r_rows, rank0, k0 + offs_k, stride_ar, stride_ak, K, MIXED)
+                xa0 = _shrink_step(x, xa0, a_rows, r_rows, rank0, k0 + offs_k, stride_ar, stride_ak, K, MIXED)
         if SHRINK_RANKS > 1:
             if rank1 < R:
-                xa1 = _shrink_step(x, xa1, a_ptr, a_rows, r_rows, rank1, k0 + offs_k, stride_ar, stride_ak, K, MIXED)
+                xa1 = _shrink_step(x, xa1, a_rows, r_rows, rank1, k0 + offs_k, stride_ar, stride_ak, K, MIXED)
     xap = xap_ptr + pid_s * stride_xaps + offs_m * R
     if SHRINK_RANKS > 0:
         if rank0 < R:
