@@ -41,6 +41,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from . import sass as _sass
+
 HOPPER = GPUTarget("cuda", 90, 32)
 H100_SMS = 132
 SMEM_LIMIT = 232448   # bytes of shared memory one block may use on sm_90 (227 KiB)
@@ -172,14 +174,15 @@ def recording(sm_count=H100_SMS):
     """Route peft_ops' ops to the Triton launchers on CPU tensors and record, not run, each launch.
 
     Outputs of the kernels stay uninitialised: the point is which launches the forward and
-    backward make, not their values. `sm_count` stands in for the GPU's SMs in split heuristics.
+    backward make, not their values. `sm_count` stands in for the GPU's SMs in split heuristics, and
+    launches chain by programmatic dependent launch, as on sm_90.
     """
     from peft_ops import nf4 as pnf4
     from peft_ops import ops
     from peft_ops.kernels import lora as klora
 
     rec = Recorder()
-    saved = (JITFunction.run, ops.use_triton, pnf4._use_triton, klora._sm_count)
+    saved = (JITFunction.run, ops.use_triton, pnf4._use_triton, klora._sm_count, klora._pdl)
 
     def run(self, *args, grid, warmup, **kwargs):
         rec.add(self, args, kwargs, grid)
@@ -188,10 +191,11 @@ def recording(sm_count=H100_SMS):
     ops.use_triton = lambda t: True
     pnf4._use_triton = lambda t: True
     klora._sm_count = lambda device: sm_count
+    klora._pdl = lambda device: True   # an sm_90 GPU: launches chain (`kernels.lora.pdl_args`)
     try:
         yield rec
     finally:
-        JITFunction.run, ops.use_triton, pnf4._use_triton, klora._sm_count = saved
+        JITFunction.run, ops.use_triton, pnf4._use_triton, klora._sm_count, klora._pdl = saved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,10 +358,28 @@ def compile_sass(job, ptxas_log=True):
     stack = int(m.group(2))
     spill = int(spills.group(2)) + int(spills.group(3)) if spills else stack
     return dict(registers=int(m.group(1)), spill_bytes=spill, stack_bytes=stack,
-                shared_bytes=compiled.metadata.shared,
+                shared_bytes=compiled.metadata.shared, **_chain_facts(sass),
                 hgmma=len(re.findall(r"\bHGMMA\b", sass)), hmma=len(re.findall(r"\bHMMA\b", sass)),
                 instructions=len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass)), compile_s=round(seconds, 1),
                 sass=sass)
+
+
+# global-memory instructions (loads, stores, atomics, copy-engine transfers); shared and constant
+# memory are the block's own and the launch's arguments
+_GLOBAL_MEMORY = {"LD", "LDG", "ST", "STG", "ATOM", "ATOMG", "RED", "LDGSTS", "UBLKCP", "UTMALDG", "UTMASTG",
+                  "UTMAPF", "UTMAREDG"}
+
+
+def _chain_facts(text):
+    """What a chained launch needs of its code (`kernels.lora.pdl_chain`): whether it waits for
+    the launch before it (`griddepcontrol.wait`, SASS ACQBULK), how many global-memory
+    instructions come before that wait (none may), and whether it lets the next launch start
+    (`griddepcontrol.launch_dependents`, PREEXIT)."""
+    ops = [i.opcode.split(".")[0] for ins in _sass.parse(text).values() for i in ins]
+    wait = ops.index("ACQBULK") if "ACQBULK" in ops else None
+    return dict(waits=wait is not None,
+                memory_before_wait=sum(op in _GLOBAL_MEMORY for op in ops[:wait]) if wait is not None else -1,
+                launches_dependents="PREEXIT" in ops)
 
 
 def _lower(job):
@@ -375,7 +397,8 @@ def lower(launches, workers=2):
     rows = []
     for launch, fact in zip(launches, facts):
         rows.append(dict(kernel=launch.kernel.__name__, config=launch.label(), first_seen_in=launch.where,
-                         launches=launch.count, fp32=_is_fp32(launch), **fact, **verdict(launch, fact)))
+                         launches=launch.count, fp32=_is_fp32(launch), chained=bool(launch.options.get("launch_pdl")),
+                         **fact, **verdict(launch, fact)))
     return rows
 
 
@@ -402,6 +425,8 @@ def verdict(launch, fact):
         problems.append(f"needs {fact['shared_bytes']} B of shared memory (sm_90 allows {SMEM_LIMIT})")
     if _is_16bit_gemm(launch) and fact["hgmma"] + fact["hmma"] == 0:
         problems.append("16-bit GEMM without tensor-core instructions")
+    if launch.options.get("launch_pdl") and not (fact["waits"] and fact["memory_before_wait"] == 0):
+        problems.append("chained launch touches global memory before it waits for the launch before it")
     return dict(verdict="ok" if not problems else "; ".join(problems))
 
 

@@ -548,8 +548,9 @@ def _mma_kind(opcode):
     return flops, (family, "TF32" if operand == "TF32" else "16")
 
 
-def triton_cost(gpu: GPU, call, facts) -> Cost:
-    """Predicted time of one Triton call from its compiled facts and its arguments."""
+def triton_cost(gpu: GPU, call, facts, chained=False) -> Cost:
+    """Predicted time of one Triton call from its compiled facts and its arguments; `chained`
+    (`chains`): a launch whose latency and ramp-up hide behind the launch before it."""
     launch = call.launch
     kernel = launch.kernel.__name__
     if kernel not in LOOPS:
@@ -624,7 +625,20 @@ def triton_cost(gpu: GPU, call, facts) -> Cost:
                       hot_loop_issue_s=loop.size * warps * grid_trips[id(loop)] / (4 * gpu.sms * gpu.clock_hz))
         if spec.elements:
             detail["instructions_per_element"] = loop.size * warps / spec.elements
-    return Cost(kernel, terms[bound] + gpu.launch_s, bound, terms, detail)
+    if chained:
+        detail["note"] = "chained (programmatic dependent launch): no launch cost of its own"
+    return Cost(kernel, terms[bound] + (0.0 if chained else gpu.launch_s), bound, terms, detail)
+
+
+def chains(previous, event) -> bool:
+    """Whether `event` is a Triton launch chained to `previous` by programmatic dependent launch:
+    it was launched with `launch_pdl` and `previous` is a Triton launch that lets its dependents
+    start (`kernels.lora.pdl_chain`). Its programs then get resident while `previous` runs and
+    wait there for it to end, so the launch latency, ramp-up and tail that `GPU.launch_s` stands
+    for overlap `previous` (assumed, as `launch_s` itself is). No work overlaps: the kernel's own
+    terms are charged after `previous`'s in full."""
+    return (isinstance(event, lowering.Call) and isinstance(previous, lowering.Call)
+            and bool(event.launch.options.get("launch_pdl")) and bool(previous.launch.constexprs.get("PDL")))
 
 
 def _multiply(loop, trips, outer):
@@ -808,9 +822,9 @@ class Model:
         events, note = self.trace(case, provider)
         self.compiled.ensure([e.launch for e in events if isinstance(e, lowering.Call)])
         costs = []
-        for e in events:
+        for previous, e in zip([None] + events[:-1], events):
             if isinstance(e, lowering.Call):
-                costs.append(triton_cost(gpu, e, self.compiled[e.launch.key]))
+                costs.append(triton_cost(gpu, e, self.compiled[e.launch.key], chained=chains(previous, e)))
             else:
                 costs.append(device_op_cost(gpu, e))
         seconds = sum(c.seconds for c in costs)

@@ -34,7 +34,8 @@ import triton.language as tl
 from . import lora as _lora
 from ._config import interpreting, store_dtype
 from .dropout import round_to
-from .lora import _ROUND, _dot_args, _forward_epilogue, _pow2, _rank_block, _split_k_epilogue_kernel
+from .lora import (_ROUND, _dot_args, _forward_epilogue, _pow2, _rank_block, _split_k_epilogue_kernel, pdl_args,
+                   pdl_chain)
 from .nf4 import nf4_scale, stats_args
 
 BLOCK_K = 128
@@ -170,6 +171,7 @@ def _decode_linear_kernel(
     DORA: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr, SPLIT_K: tl.constexpr,
     SHRINK_RANKS: tl.constexpr, MIXED: tl.constexpr, A_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """yᵀ tile [BLOCK_N, BLOCK_M] over K words kw_begin.. of this split. `split_words` and
     `row_words` are K counts in 4-byte words, so the JIT sees them divisible by 16 and loads 16
@@ -182,6 +184,7 @@ def _decode_linear_kernel(
     every program; only those of the first R tiles do it.) MIXED: each row m takes its own
     adapter's A (`kernels.multi_lora`'s table at `a_ptr`, int64 [4, E], and idx[m]), zero for a
     row of no adapter and past that adapter's rank, as `multi_lora.multi_shrink` forms it."""
+    pdl_chain(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -355,7 +358,7 @@ def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=
         DOT_DTYPE=dots["DOT_DTYPE"], RANK_PRECISION=dots["RANK_PRECISION"], **flags, SPLIT_K=split_k,
         SHRINK_RANKS=shrink_ranks, MIXED=mixed, A_DTYPE=_A_DTYPES[mixed_shrink[3]] if mixed else tl.float32,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False, **pdl_args(x.device),
     )
     if parts:
         return (part, xa_parts) if mixed else part
@@ -367,7 +370,7 @@ def decode_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, save_z=
             part, part, xa, lora_B, mn_arg, bias_arg, scaling, 1.0, y, z, M, N, R, xa.stride(0),
             lora_B.stride(0), lora_B.stride(1), y.stride(0), part.stride(0), **flags, SECOND=False,
             RANK_PRECISION=dots["RANK_PRECISION"], SPLIT_K=split_k, BLOCK_M=EM, BLOCK_N=EN, BLOCK_R=BLOCK_R,
-            **xa_sum, enable_fp_fusion=False,
+            **xa_sum, enable_fp_fusion=False, **pdl_args(x.device),
         )
     if y.dtype != x.dtype:
         y = y.to(x.dtype)

@@ -27,7 +27,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ._config import interpreting, store_dtype
 from .decode import _rows, lut_tile
 from .dropout import dropout_scale, keep_threshold, round_to
-from .lora import _ROUND, _dot_args, _forward_epilogue, _pow2, _rank_block, grouped_pid, rank_product
+from .lora import (_ROUND, _dot_args, _forward_epilogue, _pow2, _rank_block, grouped_pid, pdl_args, pdl_chain,
+                   rank_product)
 from .nf4 import nf4_dequantize_cols, nf4_dequantize_rows, stats_args
 
 DEFAULT_BUFFER_BYTES = 64 << 20
@@ -50,9 +51,11 @@ def _gemm_forward_kernel(
     ROUND: tl.constexpr, BITWISE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """y[:, n0:N_end] of the forward from the weight rows n0..N_end in `w_desc` (local row 0 is
     global row n0), or with LUT from the NF4 weight of N_end rows (n0 = 0)."""
+    pdl_chain(PDL)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N_end - n0, BLOCK_N)
     pid_m, pid_n = grouped_pid(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -101,11 +104,13 @@ def _gemm_dx_kernel(
     NESTED_BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr, BITWISE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """dx[:, k0:K_end] from weight columns k0..K_end (`w_desc`, local column 0 is global k0), the
     dx kernel of `lora.py` with the column scales folded into the weights: acc = dy · W, with
     SECOND acc2 = dy · W2 (W2 = (m/n − 1) ⊙ W), then dx = acc + D ⊙ (acc2 + s·gb A) with dropout,
     dx = acc + s·gb A without."""
+    pdl_chain(PDL)
     num_m = tl.cdiv(M, BLOCK_M)
     num_k = tl.cdiv(K_end - k0, BLOCK_K)
     pid_m, pid_k = grouped_pid(tl.program_id(0), num_m, num_k, GROUP_M)
@@ -285,7 +290,7 @@ def gemm_forward(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
                 DOT_DTYPE=dots["DOT_DTYPE"], RANK_PRECISION=dots["RANK_PRECISION"], **flags, **nf4["meta"],
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=BLOCK_R,
                 GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                enable_fp_fusion=False,
+                enable_fp_fusion=False, **pdl_args(x.device),
             )
         else:
             _cublas_forward_chunk(x, w, xd, n0, rows, xa, lora_B, mn_arg, bias_arg, scaling, inv_keep, y, z,
@@ -312,7 +317,7 @@ def _cublas_forward_chunk(x, w, xd, n0, rows, xa, lora_B, mn, bias, scaling, inv
         y[:, n0:n0 + rows], z[:, n0:n0 + rows] if flags["SAVE_Z"] else y[:, n0:n0 + rows],
         M, rows, lora_B.shape[1], xa.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0), 0,
         **flags, RANK_PRECISION=dots["RANK_PRECISION"], SPLIT_K=1, BLOCK_M=EM, BLOCK_N=EN, BLOCK_R=BLOCK_R,
-        enable_fp_fusion=False,
+        enable_fp_fusion=False, **pdl_args(x.device),
     )
 
 
@@ -358,7 +363,7 @@ def gemm_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_scale=Non
             **nf4["meta"],
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=_rank_block(R),
             GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            enable_fp_fusion=False,
+            enable_fp_fusion=False, **pdl_args(dy.device),
         )
         del w_desc, w2_desc   # the chunk's buffer goes with its descriptor
     return dx if dx.dtype == out_dtype else dx.to(out_dtype)

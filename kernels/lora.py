@@ -19,9 +19,13 @@ rank loop walks r in chunks of at most 32, so r = 256 costs time, not registers.
 write fp32 partials that the launcher sums in a fixed order, so results are deterministic.
 """
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._config import dot_dtype, interpreting, store_dtype
 from .dropout import dropout_scale, keep_mask, keep_threshold, round_to
@@ -50,6 +54,18 @@ def weight_tile(w_ptr, stride_wn, stride_wk,
         mask = mask_rows[:, None] & (cols < K)[None, :]
         w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
     return w
+
+
+@triton.jit
+def pdl_chain(PDL: tl.constexpr):
+    """The first thing a kernel does when launched by programmatic dependent launch (`pdl_args`):
+    such a launch may start while the launch before it on the stream still runs, so wait until
+    that one has ended and its writes are visible (from here on everything reads as after a plain
+    launch), then let the launch after this one start the same way. What overlaps is launch
+    latency and ramp-up (the next kernel's programs get resident while this one runs), never work."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -176,11 +192,13 @@ def _lora_shrink_kernel(
     seed, p, inv_keep,
     DROPOUT: tl.constexpr, WRITE_XD: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """out[split] = drop(x)[:, split's K range] · A[:, same]ᵀ in fp32, one chunk of BLOCK_R ranks
     a program; optionally writes keep ⊙ x (the first rank chunk does). The product is of keep ⊙ x
     (exact in x's dtype) and 1/(1-p) scales the fp32 result; with PRECISION "bf16x3" a bf16 x
     feeds the tensor cores as loaded (`dot_split3`)."""
+    pdl_chain(PDL)
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -234,7 +252,9 @@ def _fused_linear_kernel(
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_chain(PDL)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = grouped_pid(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -283,10 +303,12 @@ def _split_k_epilogue_kernel(
     RANK_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     stride_xas=0, XA_PARTS: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
     """Sums the SPLIT_K partials in a fixed order, then applies the same epilogue. xa may come as
     the XA_PARTS parts of a split shrink, `stride_xas` apart, summed in order here: no launch
     sums them before."""
+    pdl_chain(PDL)
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -319,9 +341,11 @@ def _fused_linear_dx_kernel(
     RANK_PRECISION: tl.constexpr, SCALE_DY: tl.constexpr, SECOND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """dx = (dy ⊙ c) W + D ⊙ (s·gb A + (dy ⊙ c2) W): c is DoRA's m/n (SCALE_DY), c2 = m/n − 1
     for DoRA with dropout (SECOND), D the regenerated dropout scale (DROPOUT)."""
+    pdl_chain(PDL)
     num_m = tl.cdiv(M, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_K)
     pid_m, pid_k = grouped_pid(tl.program_id(0), num_m, num_k, GROUP_M)
@@ -375,6 +399,7 @@ def _outer_reduce_kernel(
     DROPOUT: tl.constexpr, FACTOR: tl.constexpr, PRECISION: tl.constexpr, FP32_LEFT: tl.constexpr,
     SWAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """out[split] = scale · f ⊙ Σ_m L[m, :]ᵀ R'[m, :] over the split's rows, fp32; R' = keep ⊙ R
     with dropout (D regenerated for R = x, indexed as x [M, Q]; its 1/(1-p) joins `scale`), f the
@@ -382,6 +407,7 @@ def _outer_reduce_kernel(
     transposed, R'ᵀ L, so the long side (Q) is the tensor core's M dimension. With PRECISION
     "bf16x3" the 16-bit operand feeds the tensor cores as loaded (`dot_split3`; FP32_LEFT says
     the dot's left operand is the fp32 one)."""
+    pdl_chain(PDL)
     pid_p = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -562,6 +588,25 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _pdl(device) -> bool:
+    """Whether launches on `device` chain by programmatic dependent launch: a CUDA GPU of
+    compute capability 9.0 or newer, not under the interpreter, unless PEFT_OPS_PDL=0."""
+    if interpreting() or device.type != "cuda" or os.environ.get("PEFT_OPS_PDL", "1") == "0":
+        return False
+    return _pdl_capable(device)
+
+
+def pdl_args(device) -> dict:
+    """The launch arguments of a kernel that starts with `pdl_chain`: its PDL flag, and Triton's
+    `launch_pdl` option when it is on (`_pdl`)."""
+    return dict(PDL=True, launch_pdl=True) if _pdl(device) else dict(PDL=False)
+
+
 def _split_k(M: int, N: int, K: int, cfg, device) -> int:
     """Split K when the output tiles alone cannot fill the GPU (decode-sized M)."""
     if interpreting() or M > 64:
@@ -623,7 +668,7 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None, sum_
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
         DROPOUT=dropout > 0, WRITE_XD=write_xd, PRECISION=precision,
         DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, num_warps=4,
-        enable_fp_fusion=False,
+        enable_fp_fusion=False, **pdl_args(x.device),
     )
     xa = out if not sum_splits else out[0] if split_k == 1 else out.sum(0)
     if write_xd:
@@ -671,7 +716,7 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
         **wa["meta"], **dots, **flags,
         SPLIT_K=split_k,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=BLOCK_R,
-        GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg),
+        GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg), **pdl_args(x.device),
     )
     if split_k > 1:
         EM, EN = (16 if M <= 16 else 32), 64   # a 32-row tile of one row spills the rank product
@@ -680,7 +725,7 @@ def fused_linear(x, weight, xa, lora_B, scaling, *, bias=None, mn=None, xd=None,
             scaling, inv_keep, y, z, M, N, R, xa.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0),
             part.stride(0), **flags, RANK_PRECISION=dots["RANK_PRECISION"], SPLIT_K=split_k,
             BLOCK_M=EM, BLOCK_N=EN, BLOCK_R=BLOCK_R,
-            enable_fp_fusion=False,
+            enable_fp_fusion=False, **pdl_args(x.device),
         )
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
@@ -710,7 +755,7 @@ def fused_linear_dx(dy, weight, gb, lora_A, scaling, *, col_scale=None, second_s
         **wa["meta"], **dots,
         SCALE_DY=col_scale is not None, SECOND=second_scale is not None, DROPOUT=dropout > 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=_rank_block(R),
-        GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg),
+        GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg), **pdl_args(dy.device),
     )
     return dx if dx.dtype == out_dtype else dx.to(out_dtype)
 
@@ -762,6 +807,6 @@ def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, scale=1.0, factor=None, split
         DROPOUT=dropout > 0, FACTOR=factor is not None, PRECISION=precision, FP32_LEFT=bf16[0] == swap,
         SWAP=swap,
         DOT_DTYPE=tl.bfloat16 if precision == "bf16x3" and not interpreting() else tl.float32,
-        BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, enable_fp_fusion=False,
+        BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, enable_fp_fusion=False, **pdl_args(lhs.device),
     )
     return out[0] if split_m == 1 else out.sum(0)

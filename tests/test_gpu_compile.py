@@ -100,6 +100,46 @@ def test_16bit_gemms_use_tensor_cores(lowered):
         assert any(r["hgmma"] > 0 for r in lowered["rows"] if r["kernel"] == kernel), kernel
 
 
+def test_launches_chain_on_sm90_cuda_only(monkeypatch):
+    # Programmatic dependent launch: on CUDA GPUs of compute capability 9.0 and newer, never under
+    # the interpreter, and off with PEFT_OPS_PDL=0.
+    import torch
+
+    from peft_ops.kernels import lora
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert lora._pdl_capable.__wrapped__(cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    assert not lora._pdl_capable.__wrapped__(cuda)
+    monkeypatch.setattr(lora, "_pdl_capable", lambda device: True)
+    monkeypatch.setattr(lora, "interpreting", lambda: False)
+    assert lora.pdl_args(cuda) == dict(PDL=True, launch_pdl=True)
+    assert lora.pdl_args(torch.device("cpu")) == dict(PDL=False)
+    monkeypatch.setenv("PEFT_OPS_PDL", "0")
+    assert lora.pdl_args(cuda) == dict(PDL=False)
+    monkeypatch.delenv("PEFT_OPS_PDL")
+    monkeypatch.setattr(lora, "interpreting", lambda: True)
+    assert lora.pdl_args(cuda) == dict(PDL=False)
+
+
+def test_chained_launches_wait_before_touching_memory(lowered):
+    # A launch chained by programmatic dependent launch may start while the one before it runs:
+    # its first global-memory access must come after its wait (SASS ACQBULK), and it lets the next
+    # launch start (PREEXIT). The shrink, the GEMMs, the split-K epilogue and the rank reductions
+    # are all chained on sm_90.
+    chained = [r for r in lowered["rows"] if r["chained"]]
+    assert {r["kernel"] for r in chained} >= {"_lora_shrink_kernel", "_gemm_forward_kernel", "_gemm_dx_kernel",
+                                            "_decode_linear_kernel", "_split_k_epilogue_kernel",
+                                            "_outer_reduce_kernel", "_fused_linear_kernel", "_fused_linear_dx_kernel"}
+    bad = "\n".join(f"{r['config']}: waits={r['waits']}, {r['memory_before_wait']} before, "
+                    f"lets the next start: {r['launches_dependents']}" for r in chained
+                    if not (r["waits"] and r["memory_before_wait"] == 0 and r["launches_dependents"]))
+    assert not bad, bad
+    # and a launch that is not chained has no wait to pay
+    assert all(not r["waits"] for r in lowered["rows"] if not r["chained"])
+
+
 def test_rank_is_chunked(lowered):
     # r = 256 must not turn into a 256-wide register tile: every rank block stays small (64 only
     # with dropout beside bf16 x, where each rank block draws the mask again).

@@ -116,6 +116,16 @@ for r in rows:
 out["calibration"] = [[k[0], k[1], k[2], v["predicted_time"], v["measured_over_predicted"]] for k, v in sorted(pairs.items())]
 out["calibration_devices"] = sorted({{r["device"] for r in rows}})
 out["calibration_failures"] = failures
+
+# 6. a launch chained to the one before it (programmatic dependent launch) pays no launch cost
+chains = []
+m = model.Model(workers=2)
+for case in (C.Case("qlora", "forward", 4096, 4096, 4096, 16), C.Case("qlora", "forward", 4096, 4096, 4096, 16, dropout=0.05)):
+    pred = m.predict(case, "peft_ops", model.H200)
+    events, _ = m.trace(case, "peft_ops")
+    for prev, e, cost in zip([None] + list(events[:-1]), events, pred.costs):
+        chains.append([case.dropout, cost.what, model.chains(prev, e), cost.seconds - max(cost.terms.values())])
+out["chains"] = chains
 print(json.dumps(out))
 """
 
@@ -205,3 +215,18 @@ def test_calibration_is_measured_over_predicted(child):
     assert not child["calibration_failures"]
     assert any("H100 SXM (static model)" in d for d in child["calibration_devices"])
     assert any("(measured) / H100 SXM (static model)" in d for d in child["calibration_devices"])
+
+
+def test_chained_launches_pay_no_launch_cost(child):
+    from bench import model
+
+    rows = child["chains"]
+    # the shrink starts the chain and the GEMM after it is chained to it; with dropout the
+    # shrink's K splits are summed by torch between them, which breaks the chain
+    assert [(what, chained) for p, what, chained, _ in rows if not p] == [("_lora_shrink_kernel", False),
+                                                                       ("_gemm_forward_kernel", True)]
+    assert [(what, chained) for p, what, chained, _ in rows if p] == [("_lora_shrink_kernel", False),
+                                                                   ("aten.sum", False),
+                                                                   ("_gemm_forward_kernel", False)]
+    for _, what, chained, beyond_work in rows:
+        assert beyond_work == pytest.approx(0.0 if chained else model.H200.launch_s, abs=1e-12), what
