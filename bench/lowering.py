@@ -430,9 +430,9 @@ def verdict(launch, fact):
     return dict(verdict="ok" if not problems else "; ".join(problems))
 
 
-FIELDS = ["kernel", "config", "first_seen_in", "launches", "fp32", "registers", "spill_bytes", "stack_bytes",
-          "shared_bytes",
-          "hgmma", "hmma", "instructions", "compile_s", "verdict"]
+FIELDS = ["kernel", "config", "first_seen_in", "launches", "fp32", "chained", "registers", "spill_bytes",
+          "stack_bytes", "shared_bytes", "hgmma", "hmma", "waits", "memory_before_wait", "launches_dependents",
+          "instructions", "compile_s", "verdict"]
 
 
 def format_table(rows):
