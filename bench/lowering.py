@@ -179,10 +179,11 @@ def recording(sm_count=H100_SMS):
     """
     from peft_ops import nf4 as pnf4
     from peft_ops import ops
+    from peft_ops.kernels import _config as kconfig
     from peft_ops.kernels import lora as klora
 
     rec = Recorder()
-    saved = (JITFunction.run, ops.use_triton, pnf4._use_triton, klora._sm_count, klora._pdl)
+    saved = (JITFunction.run, ops.use_triton, pnf4._use_triton, klora._sm_count, kconfig._pdl)
 
     def run(self, *args, grid, warmup, **kwargs):
         rec.add(self, args, kwargs, grid)
@@ -191,11 +192,11 @@ def recording(sm_count=H100_SMS):
     ops.use_triton = lambda t: True
     pnf4._use_triton = lambda t: True
     klora._sm_count = lambda device: sm_count
-    klora._pdl = lambda device: True   # an sm_90 GPU: launches chain (`kernels.lora.pdl_args`)
+    kconfig._pdl = lambda device: True   # an sm_90 GPU: launches chain (`kernels._config.pdl_args`)
     try:
         yield rec
     finally:
-        JITFunction.run, ops.use_triton, pnf4._use_triton, klora._sm_count, klora._pdl = saved
+        JITFunction.run, ops.use_triton, pnf4._use_triton, klora._sm_count, kconfig._pdl = saved
 
 
 # ----------------------------------------------------------------------------------------------

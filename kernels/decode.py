@@ -32,10 +32,9 @@ import triton
 import triton.language as tl
 
 from . import lora as _lora
-from ._config import interpreting, store_dtype
+from ._config import interpreting, pdl_args, pdl_chain, store_dtype
 from .dropout import round_to
-from .lora import (_ROUND, _dot_args, _forward_epilogue, _pow2, _rank_block, _split_k_epilogue_kernel, pdl_args,
-                   pdl_chain)
+from .lora import _ROUND, _dot_args, _forward_epilogue, _pow2, _rank_block, _split_k_epilogue_kernel
 from .nf4 import nf4_scale, stats_args
 
 BLOCK_K = 128

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from . import decode as _decode
 from . import lora as _lora
-from ._config import interpreting
+from ._config import interpreting, pdl_args, pdl_chain
 from .decode import _rows, lut_tile, operand_order
 from .dropout import round_to
 from .lora import _ROUND, _nf4_blocksize, _pow2, _rank_block, rank_product, weight_args, weight_tile
@@ -29,7 +29,9 @@ def _row_norm_kernel(
     NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED_K: tl.constexpr, ROUND: tl.constexpr,
     BITWISE_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_chain(PDL)
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -51,8 +53,10 @@ def _column_dot_kernel(
     a_ptr, b_ptr, out_ptr, M, N, m_per_split,
     stride_am, stride_an, stride_bm, stride_bn, stride_os,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """out[split, j] = Σ_i a_ij b_ij over the split's rows, in fp32."""
+    pdl_chain(PDL)
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     m_begin = tl.program_id(1).to(tl.int64) * m_per_split
@@ -75,12 +79,14 @@ def _row_norm_lut_kernel(
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     ROUND: tl.constexpr, BITWISE_BF16: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Σ_k (W + s·B A)² over this split's K range, per row of a BLOCK_N tile, for an NF4 weight
     whose rows hold whole blocks. W is decoded as the table-lookup decode does it (`decode.py`),
     in the layout of a tensor-core operand, which is also the layout of an MMA's accumulator: so
     the rank product adds into the decoded tile itself, v = W + (s·B) Aᵀ with W as the MMA's
     initial accumulator, and A is read in the tile's permuted K order."""
+    pdl_chain(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -115,8 +121,10 @@ def _row_norm_lut_kernel(
 
 
 @triton.jit
-def _sqrt_sum_kernel(part_ptr, out_ptr, N, stride_ps, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+def _sqrt_sum_kernel(part_ptr, out_ptr, N, stride_ps, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """out = sqrt(Σ_s part[s]) per row: the splits' sums of squares in a fixed order."""
+    pdl_chain(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -155,10 +163,11 @@ def _row_norm_lut(weight, lora_A, lora_B, scaling):
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nbs, ROUND=_ROUND[weight.dtype],
         BITWISE_BF16=interpreting(), PRECISION="ieee" if interpreting() else "tf32x3",
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=_rank_block(R), num_warps=num_warps, enable_fp_fusion=False,
+        **pdl_args(lora_A.device),
     )
     out = torch.empty(N, dtype=torch.float32, device=lora_A.device)
     _sqrt_sum_kernel[(triton.cdiv(N, 1024),)](part, out, N, part.stride(0), SPLITS=splits, BLOCK=1024,
-                                              enable_fp_fusion=False)
+                                              enable_fp_fusion=False, **pdl_args(lora_A.device))
     return out
 
 
@@ -183,6 +192,7 @@ def row_norm(weight, lora_A, lora_B, scaling):
         wa["stride_wn"], wa["stride_wk"], lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), **wa["meta"],
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=_rank_block(R), num_warps=num_warps, enable_fp_fusion=False,
+        **pdl_args(lora_A.device),
     )
     return out
 
@@ -197,6 +207,6 @@ def column_dot(a, b):
     out = torch.empty((split_m, N), dtype=torch.float32, device=a.device)
     _column_dot_kernel[(triton.cdiv(N, BLOCK_N), split_m)](
         a, b, out, M, N, m_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, enable_fp_fusion=False,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, enable_fp_fusion=False, **pdl_args(a.device),
     )
     return out[0] if split_m == 1 else out.sum(0)

@@ -24,11 +24,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._config import interpreting, store_dtype
+from ._config import interpreting, pdl_args, pdl_chain, store_dtype
 from .decode import _rows, lut_tile
 from .dropout import dropout_scale, keep_threshold, round_to
-from .lora import (_ROUND, _dot_args, _forward_epilogue, _pow2, _rank_block, grouped_pid, pdl_args, pdl_chain,
-                   rank_product)
+from .lora import _ROUND, _dot_args, _forward_epilogue, _pow2, _rank_block, grouped_pid, rank_product
 from .nf4 import nf4_dequantize_cols, nf4_dequantize_rows, stats_args
 
 DEFAULT_BUFFER_BYTES = 64 << 20

@@ -19,15 +19,11 @@ rank loop walks r in chunks of at most 32, so r = 256 costs time, not registers.
 write fp32 partials that the launcher sums in a fixed order, so results are deterministic.
 """
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._config import dot_dtype, interpreting, store_dtype
+from ._config import dot_dtype, interpreting, pdl_args, pdl_chain, store_dtype
 from .dropout import dropout_scale, keep_mask, keep_threshold, round_to
 from .nf4 import nf4_tile, stats_args
 
@@ -54,18 +50,6 @@ def weight_tile(w_ptr, stride_wn, stride_wk,
         mask = mask_rows[:, None] & (cols < K)[None, :]
         w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
     return w
-
-
-@triton.jit
-def pdl_chain(PDL: tl.constexpr):
-    """The first thing a kernel does when launched by programmatic dependent launch (`pdl_args`):
-    such a launch may start while the launch before it on the stream still runs, so wait until
-    that one has ended and its writes are visible (from here on everything reads as after a plain
-    launch), then let the launch after this one start the same way. What overlaps is launch
-    latency and ramp-up (the next kernel's programs get resident while this one runs), never work."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
 
 
 @triton.jit
@@ -586,25 +570,6 @@ def _sm_count(device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
-def _pdl_capable(device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _pdl(device) -> bool:
-    """Whether launches on `device` chain by programmatic dependent launch: a CUDA GPU of
-    compute capability 9.0 or newer, not under the interpreter, unless PEFT_OPS_PDL=0."""
-    if interpreting() or device.type != "cuda" or os.environ.get("PEFT_OPS_PDL", "1") == "0":
-        return False
-    return _pdl_capable(device)
-
-
-def pdl_args(device) -> dict:
-    """The launch arguments of a kernel that starts with `pdl_chain`: its PDL flag, and Triton's
-    `launch_pdl` option when it is on (`_pdl`)."""
-    return dict(PDL=True, launch_pdl=True) if _pdl(device) else dict(PDL=False)
 
 
 def _split_k(M: int, N: int, K: int, cfg, device) -> int:

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import lora as _lora
-from ._config import dot_dtype, interpreting, store_dtype
+from ._config import dot_dtype, interpreting, pdl_args, pdl_chain, store_dtype
 from .dropout import dropout_scale, keep_mask, keep_threshold
 from .lora import _pow2, _rank_block, _rank_precision, _shrink_precision, dot_split3, rank_product
 
@@ -146,6 +146,7 @@ def _multi_shrink_kernel(
     OPERAND: tl.constexpr, A_DTYPE: tl.constexpr, DROPOUT: tl.constexpr, WRITE_XD: tl.constexpr,
     COL_SCALE: tl.constexpr, PERMUTED: tl.constexpr, ADAPTER_GRID: tl.constexpr, PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """out[split, m] = drop(x[m]) · P_aᵀ over the split's K range, fp32, for each row's adapter a.
 
@@ -154,6 +155,7 @@ def _multi_shrink_kernel(
     over K first. Rows of no adapter, and ranks past an adapter's own, come out zero. With
     PRECISION "bf16x3" (a bf16 x, no COL_SCALE) x feeds the tensor cores as loaded, keep ⊙ x
     exact in it, and the 1/(1-p) goes on the fp32 sums (`dot_split3`)."""
+    pdl_chain(PDL)
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_e = tl.program_id(2) // r_chunks      # the adapter, with ADAPTER_GRID
@@ -216,11 +218,13 @@ def _multi_expand_kernel(
     SAVE_Z: tl.constexpr, PERMUTED: tl.constexpr, ADAPTER_GRID: tl.constexpr, RANK_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     stride_xas=0, XA_PARTS: tl.constexpr = 1, stride_bs=0, BASE_PARTS: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
     """y (and z) from the base GEMM's output x Wᵀ (and (keep ⊙ x) Wᵀ for DoRA with dropout):
     each row's adapter term s_a·xa B_aᵀ, its m/n, and the bias. xa may come as the XA_PARTS
     parts of a split shrink, x Wᵀ as the BASE_PARTS fp32 parts of the split decode GEMM: both
     are summed in order here, sparing the launches that would sum them."""
+    pdl_chain(PDL)
     pos = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = pos < M
@@ -251,10 +255,12 @@ def _multi_dx_expand_kernel(
     seed, p, inv_keep,
     A_DTYPE: tl.constexpr, SECOND: tl.constexpr, DROPOUT: tl.constexpr, PERMUTED: tl.constexpr,
     RANK_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """dx = base + [D ⊙] (s_a·gb A_a [+ base2]) from the base dx GEMMs' outputs, each row with its
     adapter a: base = (dy ⊙ c) W, base2 = (dy ⊙ (m/n − 1)) W for DoRA with dropout (SECOND), D the
     regenerated dropout scale (DROPOUT)."""
+    pdl_chain(PDL)
     pos = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_m = pos < M
@@ -306,9 +312,11 @@ def _segment_outer_reduce_kernel(
     seed, p, inv_keep,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """out[split, e] = Σ_m L[m, :]ᵀ R'[m, :] over the split's part of adapter e's rows, fp32;
     R' = R ⊙ D with dropout (D regenerated for R = x, indexed as x [M, Q])."""
+    pdl_chain(PDL)
     pid_p = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_es = tl.program_id(2)
@@ -340,8 +348,10 @@ def _segment_column_dot_kernel(
     a_ptr, b_ptr, perm_ptr, bounds_ptr, out_ptr, N, splits,
     stride_am, stride_an, stride_bm, stride_bn, stride_os, stride_oe,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """out[split, e, j] = Σ_i a_ij b_ij over the split's part of adapter e's rows, in fp32."""
+    pdl_chain(PDL)
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     e = tl.program_id(1) // splits
@@ -405,6 +415,7 @@ def multi_shrink(x, table, idx, R, adapter_dtype, *, perm=None, operand="A", col
         WRITE_XD=write_xd, COL_SCALE=col_scale, PERMUTED=perm is not None, ADAPTER_GRID=adapter_grid,
         PRECISION=precision, DOT_DTYPE=dot_dtype(x.dtype),
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, num_warps=4, enable_fp_fusion=False,
+        **pdl_args(x.device),
     )
     xa = out if not sum_splits else out[0] if split_k == 1 else out.sum(0)
     if write_xd:
@@ -451,6 +462,7 @@ def multi_expand(base, base_d, xa, table, scalings, idx, adapter_dtype, *, perm=
         B_DTYPE=_TL[adapter_dtype], DORA=dora, SECOND=second, HAS_BIAS=bias is not None, SAVE_Z=save_z,
         PERMUTED=perm is not None, ADAPTER_GRID=adapter_grid, RANK_PRECISION=_rank_precision(out_dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_rank_block(R), **parts, num_warps=4, enable_fp_fusion=False,
+        **pdl_args(base.device),
     )
     if y.dtype != out_dtype:
         y = y.to(out_dtype)
@@ -472,7 +484,7 @@ def multi_dx_expand(base, base2, gb, table, scalings, idx, adapter_dtype, *, per
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
         A_DTYPE=_TL[adapter_dtype], SECOND=base2 is not None, DROPOUT=dropout > 0, PERMUTED=perm is not None,
         RANK_PRECISION=_rank_precision(base), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=_rank_block(R),
-        num_warps=4, enable_fp_fusion=False,
+        num_warps=4, enable_fp_fusion=False, **pdl_args(base.device),
     )
     return dx if dx.dtype == base.dtype else dx.to(base.dtype)
 
@@ -511,7 +523,7 @@ def segment_outer_reduce(lhs, rhs, perm, bounds, *, dropout=0.0, seed=0):
         lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1), out.stride(0), out.stride(1), out.stride(2),
         seed, dropout, 1.0 / (1.0 - dropout) if dropout else 1.0,
         DROPOUT=dropout > 0, PRECISION=precision,
-        BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, enable_fp_fusion=False,
+        BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, enable_fp_fusion=False, **pdl_args(lhs.device),
     )
     return out[0] if splits == 1 else out.sum(0)
 
@@ -526,5 +538,6 @@ def segment_column_dot(a, b, perm, bounds):
     _segment_column_dot_kernel[(triton.cdiv(N, BLOCK_N), E * splits)](
         a, b, perm, bounds, out, N, splits, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, enable_fp_fusion=False,
+        **pdl_args(a.device),
     )
     return out[0] if splits == 1 else out.sum(0)

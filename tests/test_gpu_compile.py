@@ -105,33 +105,37 @@ def test_launches_chain_on_sm90_cuda_only(monkeypatch):
     # the interpreter, and off with PEFT_OPS_PDL=0.
     import torch
 
-    from peft_ops.kernels import lora
+    from peft_ops.kernels import _config
 
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
-    assert lora._pdl_capable.__wrapped__(cuda)
+    assert _config._pdl_capable.__wrapped__(cuda)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
-    assert not lora._pdl_capable.__wrapped__(cuda)
-    monkeypatch.setattr(lora, "_pdl_capable", lambda device: True)
-    monkeypatch.setattr(lora, "interpreting", lambda: False)
-    assert lora.pdl_args(cuda) == dict(PDL=True, launch_pdl=True)
-    assert lora.pdl_args(torch.device("cpu")) == dict(PDL=False)
+    assert not _config._pdl_capable.__wrapped__(cuda)
+    monkeypatch.setattr(_config, "_pdl_capable", lambda device: True)
+    monkeypatch.setattr(_config, "interpreting", lambda: False)
+    assert _config.pdl_args(cuda) == dict(PDL=True, launch_pdl=True)
+    assert _config.pdl_args(torch.device("cpu")) == dict(PDL=False)
     monkeypatch.setenv("PEFT_OPS_PDL", "0")
-    assert lora.pdl_args(cuda) == dict(PDL=False)
+    assert _config.pdl_args(cuda) == dict(PDL=False)
     monkeypatch.delenv("PEFT_OPS_PDL")
-    monkeypatch.setattr(lora, "interpreting", lambda: True)
-    assert lora.pdl_args(cuda) == dict(PDL=False)
+    monkeypatch.setattr(_config, "interpreting", lambda: True)
+    assert _config.pdl_args(cuda) == dict(PDL=False)
 
 
 def test_chained_launches_wait_before_touching_memory(lowered):
     # A launch chained by programmatic dependent launch may start while the one before it runs:
     # its first global-memory access must come after its wait (SASS ACQBULK), and it lets the next
-    # launch start (PREEXIT). The shrink, the GEMMs, the split-K epilogue and the rank reductions
-    # are all chained on sm_90.
+    # launch start (PREEXIT). On sm_90 every kernel of a layer call is chained (not the NF4 storage
+    # kernels: quantize and dequantize).
     chained = [r for r in lowered["rows"] if r["chained"]]
     assert {r["kernel"] for r in chained} >= {"_lora_shrink_kernel", "_gemm_forward_kernel", "_gemm_dx_kernel",
                                             "_decode_linear_kernel", "_split_k_epilogue_kernel",
-                                            "_outer_reduce_kernel", "_fused_linear_kernel", "_fused_linear_dx_kernel"}
+                                            "_outer_reduce_kernel", "_fused_linear_kernel", "_fused_linear_dx_kernel",
+                                            "_multi_shrink_kernel", "_multi_expand_kernel", "_multi_dx_expand_kernel",
+                                            "_segment_outer_reduce_kernel", "_segment_column_dot_kernel",
+                                            "_row_norm_kernel", "_row_norm_lut_kernel", "_sqrt_sum_kernel",
+                                            "_column_dot_kernel"}
     bad = "\n".join(f"{r['config']}: waits={r['waits']}, {r['memory_before_wait']} before, "
                     f"lets the next start: {r['launches_dependents']}" for r in chained
                     if not (r["waits"] and r["memory_before_wait"] == 0 and r["launches_dependents"]))

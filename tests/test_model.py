@@ -120,7 +120,8 @@ out["calibration_failures"] = failures
 # 6. a launch chained to the one before it (programmatic dependent launch) pays no launch cost
 chains = []
 m = model.Model(workers=2)
-for case in (C.Case("qlora", "forward", 4096, 4096, 4096, 16), C.Case("qlora", "forward", 4096, 4096, 4096, 16, dropout=0.05)):
+for case in (C.Case("qlora", "forward", 4096, 4096, 4096, 16),
+             C.Case("qlora", "forward", 4096, 4096, 4096, 16, dropout=0.05)):
     pred = m.predict(case, "peft_ops", model.H200)
     events, _ = m.trace(case, "peft_ops")
     for prev, e, cost in zip([None] + list(events[:-1]), events, pred.costs):
