@@ -423,12 +423,25 @@ def multi_shrink(x, table, idx, R, adapter_dtype, *, perm=None, operand="A", col
     return xa
 
 
-def _expand_tiles(M, cols):
+def _expand_tiles(M, cols, adapter_grid=None, device=None, base_parts=1):
+    """(rows, columns) of an expand tile; `adapter_grid`: the adapters when a program takes one,
+    `base_parts`: the split decode GEMM's parts it sums."""
     if interpreting():
         return min(64, _pow2(M)), min(64, _pow2(cols))
-    # decode sizes launch a program an adapter: wide tiles keep the programs few (the static
-    # sm_90 model puts 128 columns below both 64 and 256 at 16 rows over 8 adapters)
-    return (16, 128) if M <= 16 else (32, 64)
+    if M > 16:
+        return 32, 64
+    if adapter_grid is None:
+        return 16, 128
+    # decode sizes launch a program an adapter: about a wave of programs, 64 to 256 columns a
+    # tile (the static sm_90 model at 16 rows over 8 adapters: 64 columns at N = 1024, 256 at
+    # 14336, 10 to 25% below 128, where one width for all had put them), narrower while the
+    # unrolled sum of the parts would not fit in registers (128 columns of 8 parts fit, 256
+    # spill; 32 parts spill 8 bytes at 64 columns, 120 at 128)
+    tiles = max(1, _sms(device) // max(1, adapter_grid))
+    block_n = max(64, min(256, _pow2(triton.cdiv(cols, tiles))))
+    while block_n > 64 and block_n * base_parts > 1024:
+        block_n //= 2
+    return 16, block_n
 
 
 def multi_expand(base, base_d, xa, table, scalings, idx, adapter_dtype, *, perm=None, bias=None, dora=False,
@@ -450,10 +463,10 @@ def multi_expand(base, base_d, xa, table, scalings, idx, adapter_dtype, *, perm=
     E = table.shape[1]
     R = xa.shape[1]
     second = base_d is not None
-    BLOCK_M, BLOCK_N = _expand_tiles(M, N)
+    adapter_grid = perm is None   # rows not sorted (decode sizes): a program an adapter
+    BLOCK_M, BLOCK_N = _expand_tiles(M, N, E if adapter_grid else None, base.device, parts["BASE_PARTS"])
     y = torch.empty((M, N), dtype=store_dtype(out_dtype), device=base.device)
     z = torch.empty((M, N), dtype=store_dtype(out_dtype), device=base.device) if save_z else y
-    adapter_grid = perm is None   # rows not sorted (decode sizes): a program an adapter
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N), E if adapter_grid else 1)
     _multi_expand_kernel[grid](
         base, base_d if second else base, xa, idx, perm if perm is not None else idx, table, scalings,
