@@ -229,6 +229,7 @@ LOOPS = {
         "k", _cdiv(min(a["split_words"], a["row_words"]), a["BLOCK_K"] // 8), [_rank_loop(a)], hot=True,
         elements=a["BLOCK_N"] * a["BLOCK_K"], total=_cdiv(a["N"], a["BLOCK_N"]) * _cdiv(a["row_words"], a["BLOCK_K"] // 8))],
     "_sqrt_sum_kernel": lambda a: [],
+    "_sum_parts_kernel": lambda a: [],
     "_column_dot_kernel": lambda a: [_split_m_loop(a, _cdiv(a["N"], a["BLOCK_N"]))],
     "_nf4_dequantize_kernel": lambda a: [],
     "_nf4_dequantize_tail_kernel": lambda a: [],

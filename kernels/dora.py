@@ -15,7 +15,7 @@ from . import lora as _lora
 from ._config import interpreting, pdl_args, pdl_chain
 from .decode import _rows, lut_tile, operand_order
 from .dropout import round_to
-from .lora import _ROUND, _nf4_blocksize, _pow2, _rank_block, rank_product, weight_args, weight_tile
+from .lora import _ROUND, _nf4_blocksize, _pow2, _rank_block, rank_product, sum_parts, weight_args, weight_tile
 from .nf4 import stats_args
 
 
@@ -209,4 +209,4 @@ def column_dot(a, b):
         a, b, out, M, N, m_per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, enable_fp_fusion=False, **pdl_args(a.device),
     )
-    return out[0] if split_m == 1 else out.sum(0)
+    return sum_parts(out)

@@ -279,6 +279,20 @@ def _fused_linear_kernel(
 
 
 @triton.jit
+def _sum_parts_kernel(part_ptr, out_ptr, numel, stride_p, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    """out = part[0] + part[1] + .. (in that order) over PARTS fp32 parts of `numel` elements,
+    `stride_p` apart: the parts of a split reduction."""
+    pdl_chain(PDL)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for p in tl.static_range(1, PARTS):   # unrolled: every part's load in flight at once
+        acc += tl.load(part_ptr + p * stride_p + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=mask)
+
+
+@triton.jit
 def _split_k_epilogue_kernel(
     part_ptr, part_d_ptr,
     xa_ptr, b_ptr, mn_ptr, bias_ptr, scaling, inv_keep, y_ptr, z_ptr,
@@ -580,6 +594,22 @@ def _split_k(M: int, N: int, K: int, cfg, device) -> int:
     return max(1, min(triton.cdiv(2 * _sm_count(device), tiles), triton.cdiv(K, cfg["BLOCK_K"]), 32))
 
 
+def sum_parts(parts: torch.Tensor) -> torch.Tensor:
+    """Σ over dim 0 of a split reduction's fp32 parts [P, ...] (contiguous), added in order:
+    deterministic, and one chained launch (where torch's sum would be a plain one between two
+    chained kernels). One part comes back as a view, with no launch."""
+    if parts.dtype != torch.float32 or not parts.is_contiguous():
+        raise ValueError(f"sum_parts: contiguous fp32 parts expected, got {parts.dtype} with strides {parts.stride()}")
+    if parts.shape[0] == 1:
+        return parts[0]
+    out = torch.empty(parts.shape[1:], dtype=torch.float32, device=parts.device)
+    numel = out.numel()
+    BLOCK = 1024
+    _sum_parts_kernel[(triton.cdiv(numel, BLOCK),)](parts, out, numel, parts.stride(0), PARTS=parts.shape[0],
+                                                    BLOCK=BLOCK, enable_fp_fusion=False, **pdl_args(parts.device))
+    return out
+
+
 def _launch_opts(cfg):
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False)
 
@@ -635,7 +665,7 @@ def lora_shrink(x, a, *, dropout=0.0, seed=0, write_xd=False, split_k=None, sum_
         DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, num_warps=4,
         enable_fp_fusion=False, **pdl_args(x.device),
     )
-    xa = out if not sum_splits else out[0] if split_k == 1 else out.sum(0)
+    xa = out if not sum_splits else sum_parts(out)
     if write_xd:
         return xa, (xd if xd.dtype == x.dtype else xd.to(x.dtype))
     return xa
@@ -774,4 +804,4 @@ def outer_reduce(lhs, rhs, *, dropout=0.0, seed=0, scale=1.0, factor=None, split
         DOT_DTYPE=tl.bfloat16 if precision == "bf16x3" and not interpreting() else tl.float32,
         BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, enable_fp_fusion=False, **pdl_args(lhs.device),
     )
-    return out[0] if split_m == 1 else out.sum(0)
+    return sum_parts(out)

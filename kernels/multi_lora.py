@@ -38,7 +38,7 @@ import triton.language as tl
 from . import lora as _lora
 from ._config import dot_dtype, interpreting, pdl_args, pdl_chain, store_dtype
 from .dropout import dropout_scale, keep_mask, keep_threshold
-from .lora import _pow2, _rank_block, _rank_precision, _shrink_precision, dot_split3, rank_product
+from .lora import _pow2, _rank_block, _rank_precision, _shrink_precision, dot_split3, rank_product, sum_parts
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -417,7 +417,7 @@ def multi_shrink(x, table, idx, R, adapter_dtype, *, perm=None, operand="A", col
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, num_warps=4, enable_fp_fusion=False,
         **pdl_args(x.device),
     )
-    xa = out if not sum_splits else out[0] if split_k == 1 else out.sum(0)
+    xa = out if not sum_splits else sum_parts(out)
     if write_xd:
         return xa, (xd if xd.dtype == x.dtype else xd.to(x.dtype))
     return xa
@@ -538,7 +538,7 @@ def segment_outer_reduce(lhs, rhs, perm, bounds, *, dropout=0.0, seed=0):
         DROPOUT=dropout > 0, PRECISION=precision,
         BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, enable_fp_fusion=False, **pdl_args(lhs.device),
     )
-    return out[0] if splits == 1 else out.sum(0)
+    return sum_parts(out)
 
 
 def segment_column_dot(a, b, perm, bounds):
@@ -553,4 +553,4 @@ def segment_column_dot(a, b, perm, bounds):
         out.stride(0), out.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, enable_fp_fusion=False,
         **pdl_args(a.device),
     )
-    return out[0] if splits == 1 else out.sum(0)
+    return sum_parts(out)

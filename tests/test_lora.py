@@ -332,6 +332,26 @@ def test_split_k_paths_match_single_pass(dora):
 
 
 @pytest.mark.skipif(not (_config.interpreting() or DEVICE.type == "cuda"), reason="Triton kernels")
+@pytest.mark.parametrize("shape", [(1, 5), (2, 1), (3, 1025), (7, 3, 333), (32, 2, 17)])
+def test_split_parts_are_summed_in_order(shape):
+    # A split reduction's parts, added part 0 first: equal bit for bit to that order in torch;
+    # one part comes back as itself.
+    gen = torch.Generator().manual_seed(shape[0] * 1000 + shape[-1])
+    parts = (torch.randn(shape, generator=gen) * torch.logspace(-6, 6, shape[-1])).to(DEVICE)
+    want = parts[0].clone()
+    for p in parts[1:]:
+        want += p
+    got = klora.sum_parts(parts)
+    assert got.shape == parts.shape[1:] and torch.equal(got, want)
+    if shape[0] == 1:
+        assert got.data_ptr() == parts.data_ptr()
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        klora.sum_parts(torch.randn(3, 4, 6, device=DEVICE)[:, :, ::2])
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        klora.sum_parts(parts.double())
+
+
+@pytest.mark.skipif(not (_config.interpreting() or DEVICE.type == "cuda"), reason="Triton kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_rank_kernels_are_fp32_accurate_beside_16_bit_activations(dtype, p):

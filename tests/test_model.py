@@ -223,11 +223,11 @@ def test_chained_launches_pay_no_launch_cost(child):
 
     rows = child["chains"]
     # the shrink starts the chain and the GEMM after it is chained to it; with dropout the
-    # shrink's K splits are summed by torch between them, which breaks the chain
+    # shrink's K splits are summed between them, by a chained launch too
     assert [(what, chained) for p, what, chained, _ in rows if not p] == [("_lora_shrink_kernel", False),
                                                                        ("_gemm_forward_kernel", True)]
     assert [(what, chained) for p, what, chained, _ in rows if p] == [("_lora_shrink_kernel", False),
-                                                                   ("aten.sum", False),
-                                                                   ("_gemm_forward_kernel", False)]
+                                                                   ("_sum_parts_kernel", True),
+                                                                   ("_gemm_forward_kernel", True)]
     for _, what, chained, beyond_work in rows:
         assert beyond_work == pytest.approx(0.0 if chained else model.H200.launch_s, abs=1e-12), what
