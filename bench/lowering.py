@@ -372,7 +372,7 @@ _GLOBAL_MEMORY = {"LD", "LDG", "ST", "STG", "ATOM", "ATOMG", "RED", "LDGSTS", "U
 
 
 def _chain_facts(text):
-    """What a chained launch needs of its code (`kernels.lora.pdl_chain`): whether it waits for
+    """What a chained launch needs of its code (`kernels._config.pdl_chain`): whether it waits for
     the launch before it (`griddepcontrol.wait`, SASS ACQBULK), how many global-memory
     instructions come before that wait (none may), and whether it lets the next launch start
     (`griddepcontrol.launch_dependents`, PREEXIT)."""

@@ -634,7 +634,7 @@ def triton_cost(gpu: GPU, call, facts, chained=False) -> Cost:
 def chains(previous, event) -> bool:
     """Whether `event` is a Triton launch chained to `previous` by programmatic dependent launch:
     it was launched with `launch_pdl` and `previous` is a Triton launch that lets its dependents
-    start (`kernels.lora.pdl_chain`). Its programs then get resident while `previous` runs and
+    start (`kernels._config.pdl_chain`). Its programs then get resident while `previous` runs and
     wait there for it to end, so the launch latency, ramp-up and tail that `GPU.launch_s` stands
     for overlap `previous` (assumed, as `launch_s` itself is). No work overlaps: the kernel's own
     terms are charged after `previous`'s in full."""

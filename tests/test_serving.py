@@ -711,6 +711,29 @@ def test_every_mixed_kernel_has_a_loop_table():
     assert kernels and kernels <= set(model.LOOPS)
 
 
+def test_decode_expand_tiles_fill_a_wave_without_spilling(monkeypatch):
+    # The GPU's rule for the expand at decode sizes (a program an adapter): about one wave of
+    # programs, 64 to 256 columns, and no wider than the decode GEMM's unrolled parts can sum in
+    # registers (columns x parts at most 1024 above 64 columns).
+    from peft_ops.kernels import multi_lora
+
+    monkeypatch.setattr(multi_lora, "interpreting", lambda: False)
+    monkeypatch.setattr(multi_lora, "_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert multi_lora._expand_tiles(16, 1024, 8, cpu, 32) == (16, 64)       # 16 tiles x 8 adapters
+    assert multi_lora._expand_tiles(16, 4096, 8, cpu, 8) == (16, 128)      # 256 wide would spill
+    assert multi_lora._expand_tiles(16, 4096, 8, cpu, 2) == (16, 256)
+    assert multi_lora._expand_tiles(16, 14336, 8, cpu, 2) == (16, 256)
+    assert multi_lora._expand_tiles(16, 14336, 1, cpu, 2) == (16, 128)     # one adapter: 112 tiles
+    assert multi_lora._expand_tiles(16, 4096, None, cpu) == (16, 128)      # rows sorted: no adapter grid
+    assert multi_lora._expand_tiles(48, 4096, 8, cpu, 2) == (32, 64)
+    for cols in (1, 100, 1024, 4096, 14336, 65536):
+        for adapters in (1, 3, 8, 64, 200):
+            for parts in (1, 2, 8, 32):
+                _, n = multi_lora._expand_tiles(16, cols, adapters, cpu, parts)
+                assert 64 <= n <= 256 and (n == 64 or n * parts <= 1024)
+
+
 STATIC_CHILD = r"""
 import json, sys
 sys.path.insert(0, {root!r})
