@@ -1103,6 +1103,21 @@ def hot_loop_table(preds, gpu_name="H200"):
     return "\n".join(lines)
 
 
+def bounds_text(model, traced):
+    """The sm_90 lowering's bounds (`lowering.verdict`: no spill on 16-bit activations, shared
+    memory, tensor cores, a chained launch's wait) over every distinct Triton launch of the
+    modelled cases, whose Llama-sized shapes the lowering workload's small ones do not all reach."""
+    seen = {}
+    for case, provider in traced:
+        for e in model.trace(case, provider)[0]:
+            if isinstance(e, lowering.Call) and e.launch.key not in seen:
+                seen[e.launch.key] = (e.launch, case)
+    bad = [f"  {launch.label()} ({case.label()}): {lowering.verdict(launch, model.compiled[key])['verdict']}"
+           for key, (launch, case) in seen.items() if lowering.verdict(launch, model.compiled[key])["verdict"] != "ok"]
+    head = f"sm_90 bounds over the {len(seen)} distinct Triton launches of these cases (those of bench.lowering)"
+    return head + (": all hold" if not bad else f": {len(bad)} break one\n" + "\n".join(bad))
+
+
 def run(cases=None, gpus=("H200", "H100"), out_dir=None, workers=2, quick=False, say=print):
     """Predict every case x modelled provider on each GPU; write model.csv, model_launches.csv,
     summary.txt and plots under `out_dir` (when given); returns the predictions."""
@@ -1146,6 +1161,7 @@ def run(cases=None, gpus=("H200", "H100"), out_dir=None, workers=2, quick=False,
     targets_text = check_targets(index)
     text = summarize(preds, targets_text)
     text += "\n\n" + hot_loop_table(preds)
+    text += "\n\n" + bounds_text(model, traced)
     if failures:
         text += f"\n\nNot modelled ({len(failures)}):\n" + "\n".join(f"  {c.label()} / {p}: {why}" for c, p, why in failures)
     text += f"\n\nConstants (source of each):\n" + "\n".join(

@@ -103,6 +103,7 @@ with open(os.path.join(folder, "model_summary.txt")) as f:
     summary = f.read()
 out["not_modelled"] = summary.split("Not modelled")[1].split("\n\n")[0] if "Not modelled" in summary else ""
 out["has_targets"] = "Targets on H200" in summary
+out["bounds"] = [line for line in summary.splitlines() if line.startswith("sm_90 bounds over")]
 
 # 5. the calibration a GPU run writes: measured / predicted for each timed case the model covers
 from bench.suite import _env, _row
@@ -216,6 +217,12 @@ def test_calibration_is_measured_over_predicted(child):
     assert not child["calibration_failures"]
     assert any("H100 SXM (static model)" in d for d in child["calibration_devices"])
     assert any("(measured) / H100 SXM (static model)" in d for d in child["calibration_devices"])
+
+
+def test_quick_model_launches_hold_the_lowering_bounds(child):
+    # The model compiles every launch of its cases (the Llama shapes): they must hold the bounds
+    # the lowering test holds its own small workload to, and the summary says so.
+    assert len(child["bounds"]) == 1 and child["bounds"][0].endswith(": all hold"), child["bounds"]
 
 
 def test_chained_launches_pay_no_launch_cost(child):
