@@ -1112,8 +1112,9 @@ def bounds_text(model, traced):
         for e in model.trace(case, provider)[0]:
             if isinstance(e, lowering.Call) and e.launch.key not in seen:
                 seen[e.launch.key] = (e.launch, case)
-    bad = [f"  {launch.label()} ({case.label()}): {lowering.verdict(launch, model.compiled[key])['verdict']}"
-           for key, (launch, case) in seen.items() if lowering.verdict(launch, model.compiled[key])["verdict"] != "ok"]
+    verdicts = {key: lowering.verdict(launch, model.compiled[key])["verdict"] for key, (launch, _) in seen.items()}
+    bad = [f"  {launch.label()} ({case.label()}): {verdicts[key]}" for key, (launch, case) in seen.items()
+           if verdicts[key] != "ok"]
     head = f"sm_90 bounds over the {len(seen)} distinct Triton launches of these cases (those of bench.lowering)"
     return head + (": all hold" if not bad else f": {len(bad)} break one\n" + "\n".join(bad))
 
