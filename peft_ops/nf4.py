@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from . import _cpu_loops
 from .kernels import nf4 as _k
 from .kernels._config import interpreting
 
@@ -48,6 +49,11 @@ def dynamic_map(device=None) -> torch.Tensor:
 
 def _nf4_code(device) -> torch.Tensor:
     return torch.tensor(_k.NF4_CODE, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _nf4_code_cpu() -> torch.Tensor:
+    return _nf4_code("cpu")   # (read by the native decode, never written)
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -130,19 +136,46 @@ DECODE_CHUNK = 1 << 20
 # per-call cost: pieces of 2¹⁶ took 2.4 ms, of 2¹⁹ 1.7 (one thread, medians).
 DECODE_PIECE = 1 << 19
 
+# (stored as, rounded to) pairs the native decode writes directly
+_NATIVE_DECODES = ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                   (torch.bfloat16, torch.bfloat16))
+
 
 def decode_rows(w: "NF4Weight", row0: int, row1: int, absmax: torch.Tensor = None,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                dtype: torch.dtype = torch.float32, store: torch.dtype = None) -> torch.Tensor:
     """Rows [row0, row1) of `w` in `dtype`: fp32 code * fp32 absmax rounded once to `dtype`, as
-    bitsandbytes rounds them (twins only). A fresh contiguous [row1 - row0, K] tensor, perhaps a
-    view into a few blocks more (blocks straddle rows when K % blocksize != 0). `absmax` is
-    `_decode_absmax(w)`, which a caller walking the rows in chunks decodes once."""
+    bitsandbytes rounds them (twins only), held in `store` (default `dtype`: a wider `store`
+    holds the rounded values exactly). A fresh contiguous [row1 - row0, K] tensor, perhaps a view
+    into a few blocks more (blocks straddle rows when K % blocksize != 0). `absmax` is
+    `_decode_absmax(w)`, which a caller walking the rows in chunks decodes once. On the CPU the
+    native loop (`peft_ops._cpu_loops`) decodes in one pass where it is built; the PyTorch passes
+    compute the same bits everywhere else."""
     N, K = w.shape
     bs, numel = w.blocksize, N * K
+    store = dtype if store is None else store
     absmax = _decode_absmax(w) if absmax is None else absmax
     # Whole blocks; a block starts at an even element, so on a byte boundary.
     first, last = row0 * K // bs, -(-row1 * K // bs)
     start, stop = first * bs, min(last * bs, numel)
+    if w.device.type == "cpu" and _cpu_loops.available():
+        # it writes fp32 (perhaps rounded to bf16) or bf16; fp16 is the fp32 product cast once
+        direct = (store, dtype) in _NATIVE_DECODES
+        flat = torch.empty(stop - start, dtype=store if direct else torch.float32)
+        _cpu_loops.nf4_decode(w.packed.contiguous(), absmax.to(torch.float32).contiguous(), _nf4_code_cpu(),
+                              bs, start, stop, flat, rounded_to=dtype if direct else torch.float32)
+        if not direct:
+            flat = flat.to(dtype).to(store)
+    else:
+        flat = _decode_blocks_torch(w, start, stop, absmax, dtype).to(store)
+    skip = row0 * K - start
+    return flat[skip:skip + (row1 - row0) * K].view(row1 - row0, K)
+
+
+def _decode_blocks_torch(w: "NF4Weight", start: int, stop: int, absmax: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """Elements [start, stop) (whole blocks) of `w` in `dtype`, by PyTorch passes a piece at a time."""
+    bs = w.blocksize
+    last = -(-stop // bs)
     flat = torch.empty(stop - start, dtype=dtype, device=w.device)
     table = _byte_table(w.device)
     piece = max(bs, DECODE_PIECE // bs * bs)
@@ -165,8 +198,7 @@ def decode_rows(w: "NF4Weight", row0: int, row1: int, absmax: torch.Tensor = Non
             torch.mul(values[full:hi - lo], absmax[last - 1], out=prod[full:])
         if prod is not dest:
             dest.copy_(prod)
-    skip = row0 * K - start
-    return flat[skip:skip + (row1 - row0) * K].view(row1 - row0, K)
+    return flat
 
 
 def _dequantize_torch(w: "NF4Weight", dtype: torch.dtype) -> torch.Tensor:

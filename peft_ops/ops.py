@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from . import _cpu_loops
 from . import nf4 as _nf4
 from . import strategy
 from .kernels import _config
@@ -116,6 +117,8 @@ def dropout_keep(seed: int, shape, p: float, device=None) -> torch.Tensor:
     K = shape[-1]
     M, groups = numel // K, -(-K // 4)
     threshold = keep_threshold(p)
+    if (device is None or torch.device(device).type == "cpu") and _cpu_loops.available():
+        return _cpu_loops.dropout_keep(seed, M, K, threshold).view(shape)
     count = M * groups
     keep = torch.empty((count, 4), dtype=torch.bool, device=device)
     for start in range(0, count, _CHUNK):
@@ -153,15 +156,7 @@ def cpu_bf16_units() -> tuple:
     """This CPU's bf16 matrix units, as /proc/cpuinfo names them ('avx512_bf16', 'amx_bf16'): what
     torch's oneDNN bf16 GEMMs run on. Empty without (AVX2-only x86, AVX-512 before Cooper Lake,
     ...), where torch emulates bf16 GEMMs several times slower than fp32 ones."""
-    found = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    found.update(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    found = set(_cpu_loops.cpu_flags())
     # Without /proc/cpuinfo (macOS, Windows), torch's own cpuinfo probes (private, so looked up;
     # every CPU with AMX tiles so far has AMX-BF16).
     for unit, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported")):
@@ -210,7 +205,7 @@ def _weight_rows(weight, dtype, gemm_dtype, step):
     for row0 in range(0, N, step):
         row1 = min(N, row0 + step)
         if absmax is not None:
-            rows = _nf4.decode_rows(weight, row0, row1, absmax, dtype)
+            rows = _nf4.decode_rows(weight, row0, row1, absmax, dtype, gemm_dtype)
         else:
             rows = weight if row1 - row0 == N else weight[row0:row1]
             # (the dtype tests spare a decode-sized call the cost of a no-op `.to`)

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch.utils.checkpoint import checkpoint
 
 import peft_ops
-from peft_ops import nf4, ops, reference
+from peft_ops import _cpu_loops, nf4, ops, reference
 from peft_ops.kernels import _config
 
 # Normwise tolerances of the bf16 GEMMs (largest error over the largest reference magnitude). The
@@ -33,6 +33,15 @@ ADAPTER_TOL = 1.6e-2
 def twin(monkeypatch):
     """The twins on CPU tensors, as without TRITON_INTERPRET=1."""
     monkeypatch.setattr(ops, "use_triton", lambda t: False)
+
+
+@pytest.fixture(params=["native", "torch"])
+def loops(request, monkeypatch):
+    """Each CPU loop both ways: the native build (`peft_ops._cpu_loops`) and the PyTorch passes."""
+    if request.param == "native" and not _cpu_loops.available():
+        pytest.skip("the native CPU loops did not build here (no C compiler)")
+    monkeypatch.setenv("PEFT_OPS_CPU_LOOPS", request.param)
+    return request.param
 
 
 # --- Philox and dropout masks --------------------------------------------------------------------
@@ -64,7 +73,7 @@ def test_philox_words_equal_triton_randint4x(seed):
 
 @pytest.mark.parametrize("p", [0.0, 1e-9, 0.05, 0.3, 0.5, 0.999, 0.9999999, 1.0])
 @pytest.mark.parametrize("shape", [(37, 1001), (3, 5, 12), (130, 2), (1, 1)])
-def test_dropout_keep_is_the_word_compared_with_the_threshold(monkeypatch, p, shape):
+def test_dropout_keep_is_the_word_compared_with_the_threshold(loops, monkeypatch, p, shape):
     # Element (m, k) is word k % 4 of randint4x at m · 2³² + k // 4 (the counter (k // 4, m, 0, 0)),
     # kept when word >> 8 is at least floor(fp32(p) · 2²⁴): drawn here element by element from the
     # words, against the twin's mask drawn over several chunks (a chunk boundary inside a row;
@@ -92,7 +101,7 @@ def test_keep_threshold_edges():
 
 @pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("backend", ["twin", "triton"])
-def test_checkpoint_recomputation_is_bitwise_identical(monkeypatch, backend, dora):
+def test_checkpoint_recomputation_is_bitwise_identical(loops, monkeypatch, backend, dora):
     # Gradient checkpointing reruns the forward in backward: the dropout seed comes again from the
     # restored RNG state, so the recomputed masks (never stored) are the same bits.
     if backend == "twin":
@@ -125,7 +134,7 @@ def test_checkpoint_recomputation_is_bitwise_identical(monkeypatch, backend, dor
 
 @pytest.mark.parametrize("N, K, blocksize", [(7, 63, 32), (33, 352, 64), (128, 320, 128), (5, 999, 64), (40, 96, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_chunked_decode_equals_one_pass(twin, monkeypatch, N, K, blocksize, dtype):
+def test_chunked_decode_equals_one_pass(twin, loops, monkeypatch, N, K, blocksize, dtype):
     # Blocks straddle rows (K % blocksize != 0) and odd element counts end on a padded byte: a
     # piece boundary, and rows decoded on their own, must give the bytes of the whole decode.
     gen = torch.Generator().manual_seed(N * K)
@@ -273,7 +282,8 @@ def test_bench_rows_and_summary_name_the_cpu():
     from bench.suite import COLUMNS, _env, cpu_facts
 
     facts = cpu_facts()
-    assert {"cpu_model", "cpu_isa", "cpu_gemm"} <= set(COLUMNS)
+    assert {"cpu_model", "cpu_isa", "cpu_gemm", "cpu_loops"} <= set(COLUMNS)
+    assert facts["cpu_loops"].split()[0] == ("native" if _cpu_loops.available() else "torch")
     assert facts["cpu_model"] and "avx512_bf16=" in facts["cpu_isa"] and "amx_bf16=" in facts["cpu_isa"]
     assert facts["cpu_gemm"].split()[0] in ("fp32", "bf16")
     env = _env("cpu")

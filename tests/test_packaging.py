@@ -7,6 +7,7 @@ repository, so the checkout itself is not on sys.path and only the installation 
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -69,12 +70,19 @@ def test_plain_wheel_install(tmp_path):
                               "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr
     assert not (target / "kernels").exists()
+    assert (target / "peft_ops" / "csrc" / "cpu_loops.c").is_file()   # the CPU loops' source ships
     check = ("import importlib.util, peft_ops.kernels.nf4 as k, peft_ops.kernels.lora; "
              "print(k.__file__); print(importlib.util.find_spec('kernels') is None)")
-    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "PEFT_OPS_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     path, no_top_level = result.stdout.split()
     assert pathlib.Path(path).is_relative_to(target / "peft_ops" / "kernels")
     assert no_top_level == "True"
+    if any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        # and they build from the installed copy, into the cache the environment names
+        built = subprocess.run([sys.executable, "-m", "peft_ops._cpu_loops"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert built.returncode == 0 and built.stdout.startswith("native ("), built.stdout + built.stderr
+        assert list((tmp_path / "cache").glob("cpu_loops-*.so"))
