@@ -28,7 +28,7 @@ from .providers import PROVIDERS, Inputs, Unsupported, make_layer
 
 COLUMNS = ["op", "provider", "mode", "M", "N", "K", "r", "dtype", "adapter_dtype", "dropout",
            "metric", "unit", "p50", "p20", "p80", "device", "cpu_model", "cpu_isa", "cpu_gemm",
-           "torch", "triton", "git_sha", "timestamp", "note"]
+           "cpu_loops", "torch", "triton", "git_sha", "timestamp", "note"]
 OURS = "peft_ops"
 # CPU target: in every case, peft_ops' CPU path at most as slow as PEFT + bitsandbytes (paired
 # median). CPU ratios depend on the CPU (bf16 units or not), hence the cpu_* columns on every row.
@@ -109,15 +109,18 @@ def cpu_model():
 def cpu_facts():
     """What a CPU timing depends on (SPEC §7): the CPU model and core count, torch's vector ISA with
     the bf16 matrix units (AVX512-BF16, AMX) present or not, and the dtype of the CPU path's base
-    GEMMs for bf16 activations that this picks (`PEFT_OPS_CPU_PRECISION`, default auto)."""
-    from peft_ops import ops
+    GEMMs for bf16 activations that this picks (`PEFT_OPS_CPU_PRECISION`, default auto), and
+    what its dropout masks and NF4 decode run as (`PEFT_OPS_CPU_LOOPS`: the native loops, or the
+    PyTorch passes and why)."""
+    from peft_ops import _cpu_loops, ops
 
     units = ops.cpu_bf16_units()
     isa = " ".join([torch.backends.cpu.get_cpu_capability()] +
                    [f"{u}={'yes' if u in units else 'no'}" for u in ("avx512_bf16", "amx_bf16")])
     precision = os.environ.get("PEFT_OPS_CPU_PRECISION", "auto") or "auto"
     gemm = f"{C.dtype_name(ops.cpu_gemm_dtype(torch.bfloat16))} (PEFT_OPS_CPU_PRECISION={precision})"
-    return dict(cpu_model=f"{cpu_model()} x{os.cpu_count()}", cpu_isa=isa, cpu_gemm=gemm)
+    return dict(cpu_model=f"{cpu_model()} x{os.cpu_count()}", cpu_isa=isa, cpu_gemm=gemm,
+                cpu_loops=_cpu_loops.describe())
 
 
 def _env(device):
@@ -368,7 +371,8 @@ def summarize(cfg: Config, report: Report) -> str:
     if not cfg.device.startswith("cuda"):
         cpu = cpu_facts()
         device = (f"cpu: {cpu['cpu_model']}; {cpu['cpu_isa']}; CPU path base GEMMs for bf16 activations in "
-                  f"{cpu['cpu_gemm']}. CPU ratios depend on the CPU: PEFT + bitsandbytes multiply in bf16, fast "
+                  f"{cpu['cpu_gemm']}; dropout masks and NF4 decode: {cpu['cpu_loops']}. CPU ratios depend on "
+                  "the CPU: PEFT + bitsandbytes multiply in bf16, fast "
                   "only with AVX512-BF16 / AMX")
     lines.append(f"\nTime, median ms; ratio = time({OURS}) / time(baseline), lower is better "
                  f"(marked baseline: {', '.join(base) or 'none'}). Device: {device}.")
