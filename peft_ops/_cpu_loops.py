@@ -10,7 +10,7 @@ Built like Triton builds its own launchers: the system C compiler (`$CC`, else `
 `clang`), here with `-O3 -march=native`, so the loops use the vector instructions of the CPU they
 run on, read at run time; the library is cached per source, compiler and CPU under
 `$PEFT_OPS_CACHE_DIR` (default `~/.cache/peft_ops`). Called through ctypes, which releases the
-GIL, a range of rows per thread, as many threads as `torch.get_num_threads()`.
+GIL, in pieces of rows that up to `torch.get_num_threads()` threads take in turn.
 
 `PEFT_OPS_CPU_LOOPS` picks: `auto` (the default) uses the native loops when they build and warns
 once, naming why, when they do not; `native` raises instead; `torch` always runs the PyTorch passes.
@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 
 import torch
@@ -33,8 +34,9 @@ import torch
 CHOICES = ("auto", "native", "torch")
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cpu_loops.c")
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
-# Elements a thread takes at least: below this a second thread costs more than it saves.
-MIN_ELEMENTS_A_THREAD = 1 << 16
+# Elements a piece of a loop holds at least (threads take pieces in turn): below this handing a
+# piece to another thread costs more than it saves.
+MIN_ELEMENTS_A_PIECE = 1 << 15
 
 
 class BuildError(RuntimeError):
@@ -184,19 +186,48 @@ def _pool():
 
 
 def _split(count: int, per_item: int) -> list:
-    """[(lo, hi)] ranges of `count` items for the threads to take, each worth at least
-    MIN_ELEMENTS_A_THREAD elements at `per_item` elements an item."""
-    threads = max(1, min(torch.get_num_threads(), count, count * per_item // MIN_ELEMENTS_A_THREAD))
-    edges = [count * t // threads for t in range(threads + 1)]
+    """[(lo, hi)] pieces of `count` items (rows, blocks) of `per_item` elements each, at least
+    MIN_ELEMENTS_A_PIECE elements a piece where there is work for more than one."""
+    pieces = max(1, min(count, count * per_item // MIN_ELEMENTS_A_PIECE))
+    edges = [count * t // pieces for t in range(pieces + 1)]
     return [(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
 
 
 def _run(calls):
-    """Run the zero-argument callables, the first on this thread, the rest on the pool."""
-    futures = [_pool().submit(c) for c in calls[1:]]
-    calls[0]()
-    for f in futures:
-        f.result()
+    """Run the zero-argument callables (the pieces of one loop) on this thread and up to
+    `torch.get_num_threads() - 1` pool threads, each taking the next piece until none is left.
+    Returns once every piece is done, without waiting for a helper that has not started: on a
+    machine whose other cores are busy, this thread then does all the work itself."""
+    helpers = min(torch.get_num_threads(), len(calls)) - 1
+    if helpers <= 0:
+        for c in calls:
+            c()
+        return
+    pieces = iter(calls)
+    lock, finished = threading.Lock(), threading.Condition()
+    state = {"done": 0, "error": None}
+
+    def work():
+        while True:
+            with lock:
+                call = next(pieces, None)
+            if call is None:
+                return
+            try:
+                call()
+            except BaseException as e:   # (re-raised on the calling thread)
+                state["error"] = e
+            with finished:
+                state["done"] += 1
+                finished.notify_all()
+
+    for _ in range(helpers):
+        _pool().submit(work)
+    work()
+    with finished:
+        finished.wait_for(lambda: state["done"] == len(calls))
+    if state["error"] is not None:
+        raise state["error"]
 
 
 def dropout_keep(seed: int, M: int, K: int, threshold: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ def _threads(count, min_elements):
     torch.set_num_threads(count)
     try:
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(_cpu_loops, "MIN_ELEMENTS_A_THREAD", min_elements)
+            m.setattr(_cpu_loops, "MIN_ELEMENTS_A_PIECE", min_elements)
             yield
     finally:
         torch.set_num_threads(previous)
@@ -217,5 +217,5 @@ def test_a_forked_child_runs_the_threaded_loops():
 
 def _child_mask():
     torch.set_num_threads(2)
-    _cpu_loops.MIN_ELEMENTS_A_THREAD = 64
+    _cpu_loops.MIN_ELEMENTS_A_PIECE = 64
     return ops.dropout_keep(5, (64, 512), 0.2)
