@@ -131,6 +131,7 @@ def _build(archs=(("-march=native",), ())) -> tuple:
 
 
 _state = {}   # "lib" and "description" once built, or "reason" once it failed
+_build_lock = threading.Lock()
 
 
 def _library():
@@ -139,10 +140,13 @@ def _library():
     if mode == "torch":
         return None
     if not _state:
-        try:
-            _state["lib"], _state["description"] = _build()
-        except BuildError as e:
-            _state["reason"] = str(e)
+        with _build_lock:   # (threads calling at once build once)
+            if not _state:
+                try:
+                    lib, description = _build()
+                    _state.update(lib=lib, description=description)
+                except BuildError as e:
+                    _state["reason"] = str(e)
     if "lib" in _state:
         return _state["lib"]
     if mode == "native":
