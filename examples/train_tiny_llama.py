@@ -166,10 +166,10 @@ def plot(loss_rows, path):
 
 
 def cpu_description():
-    """The CPU model, its bf16 matrix units (AVX512-BF16, AMX) and the dtype of peft_ops' CPU-path
-    base GEMMs: CPU tokens/s depend on all three (bitsandbytes multiplies in bf16, fast only with
-    those units)."""
-    from peft_ops import ops
+    """The CPU model, its bf16 matrix units (AVX512-BF16, AMX), the dtype of peft_ops' CPU-path
+    base GEMMs and what its dropout masks and NF4 decode run as: CPU tokens/s depend on all of
+    them (bitsandbytes multiplies in bf16, fast only with those units)."""
+    from peft_ops import _cpu_loops, ops
 
     model = platform.processor() or platform.machine()
     try:
@@ -180,7 +180,8 @@ def cpu_description():
     units = ops.cpu_bf16_units()
     gemm = {torch.bfloat16: "bf16", torch.float32: "fp32"}[ops.cpu_gemm_dtype(torch.bfloat16)]
     return (f"{model} x{os.cpu_count()}; {torch.backends.cpu.get_cpu_capability()}; "
-            f"bf16 units: {', '.join(units) or 'none'}; peft_ops CPU GEMMs: {gemm}")
+            f"bf16 units: {', '.join(units) or 'none'}; peft_ops CPU GEMMs: {gemm}; "
+            f"peft_ops CPU loops: {_cpu_loops.describe()}")
 
 
 def default_out_dir(tag):
