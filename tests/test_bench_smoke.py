@@ -71,3 +71,21 @@ def test_cli_refuses_to_time_under_the_interpreter(monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert bench_main(["--quick"]) == 2
     assert "TRITON_INTERPRET" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAVE_PEFT_BNB, reason="needs bitsandbytes for the dequantize baseline")
+def test_cpu_loops_ab_writes_every_case_and_variant(tmp_path, capsys):
+    from bench.cpu_loops import main as loops_main
+    from peft_ops import _cpu_loops
+
+    if not _cpu_loops.available():
+        assert loops_main(["--rounds", "1"]) == 1   # says why, times nothing
+        return
+    assert loops_main(["--quick", "--rounds", "2", "--threads", "1", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    cases = {r["case"] for r in rows}
+    assert len(cases) == 2 and all({r["variant"] for r in rows if r["case"] == c} >= {"native", "torch_passes"}
+                                   for c in cases)
+    assert all(float(r["median_ms"]) > 0 and r["cpu_loops"].startswith("native") for r in rows)
+    assert "native / torch_passes" in (tmp_path / "summary.txt").read_text()
