@@ -9,7 +9,7 @@ reference and the fallback.
 Built like Triton builds its own launchers: the system C compiler (`$CC`, else `cc`, `gcc` or
 `clang`), here with `-O3 -march=native`, so the loops use the vector instructions of the CPU they
 run on, read at run time; the library is cached per source, compiler and CPU under
-`$PEFT_OPS_CACHE_DIR` (default `~/.cache/peft_ops`). Called through ctypes, which releases the
+`$PEFT_OPS_CACHE_DIR` (default `~/.cache/peft_ops`; the temp folder where that cannot be written). Called through ctypes, which releases the
 GIL, in pieces of rows that up to `torch.get_num_threads()` threads take in turn.
 
 `PEFT_OPS_CPU_LOOPS` picks: `auto` (the default) uses the native loops when they build and warns
@@ -75,12 +75,32 @@ def _compiler() -> str:
     raise BuildError("no C compiler found ($CC, cc, gcc, clang)")
 
 
-def _cache_dir() -> str:
+def _cache_dirs() -> list:
+    """Where the library is cached: `$PEFT_OPS_CACHE_DIR`, else the user's cache folder, and the
+    temp folder after either (a read-only home must not cost the native loops)."""
     root = os.environ.get("PEFT_OPS_CACHE_DIR")
     if not root:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(base, "peft_ops")
-    return root
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return [root, os.path.join(tempfile.gettempdir(), f"peft_ops-{uid}")]
+
+
+def _compile(cc, flags, path):
+    """Compile SOURCE to `path` (written whole: processes building at once each publish a complete
+    file). Returns the compiler's error, or None."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, SOURCE, "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            return done.stderr.strip()[-400:] or f"exit status {done.returncode}"
+        os.replace(tmp, path)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _build(archs=(("-march=native",), ())) -> tuple:
@@ -100,22 +120,19 @@ def _build(archs=(("-march=native",), ())) -> tuple:
         key = hashlib.sha256(b"\0".join([source, cc.encode(), version, " ".join(flags).encode(),
                                           platform.machine().encode(),
                                           " ".join(sorted(cpu_flags())).encode()])).hexdigest()[:20]
-        directory = _cache_dir()
-        path = os.path.join(directory, f"cpu_loops-{key}.so")
-        if not os.path.exists(path):
-            try:
-                os.makedirs(directory, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-                os.close(fd)
-                done = subprocess.run([cc, *flags, SOURCE, "-o", tmp], capture_output=True, text=True,
-                                      timeout=120)
-                if done.returncode:
-                    os.unlink(tmp)
-                    errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-400:]}")
-                    continue
-                os.replace(tmp, path)   # atomic: processes building at once each publish a whole file
-            except (OSError, subprocess.SubprocessError) as e:
-                errors.append(f"{' '.join(flags)}: {e}")
+        name = f"cpu_loops-{key}.so"
+        path = next((os.path.join(d, name) for d in _cache_dirs() if os.path.exists(os.path.join(d, name))), None)
+        if path is None:
+            failure = None
+            for directory in _cache_dirs():
+                path = os.path.join(directory, name)
+                try:
+                    failure = _compile(cc, flags, path)
+                    break   # compiled, or the compiler refused: another folder would not help
+                except (OSError, subprocess.SubprocessError) as e:
+                    failure, path = f"{directory}: {e}", None
+            if failure is not None or path is None:
+                errors.append(f"{' '.join(flags)}: {failure}")
                 continue
         try:
             lib = ctypes.CDLL(path)

@@ -219,3 +219,14 @@ def _child_mask():
     torch.set_num_threads(2)
     _cpu_loops.MIN_ELEMENTS_A_PIECE = 64
     return ops.dropout_keep(5, (64, 512), 0.2)
+
+
+@needs_cc
+def test_an_unwritable_cache_folder_builds_in_the_temp_folder(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("PEFT_OPS_CACHE_DIR", str(blocker / "cache"))   # cannot be made: a file is in the way
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    lib, _ = _cpu_loops._build()
+    assert lib is not None and list((tmp_path / "tmp").glob("peft_ops-*/cpu_loops-*.so"))

@@ -4,7 +4,8 @@
  * computes (`peft_ops.ops.dropout_keep`, `peft_ops.nf4.decode_rows`), bit for bit; the twins stay
  * the reference and the fallback. `peft_ops._cpu_loops` builds this file with the machine's C
  * compiler at first use (-O3 -march=native: the instructions this CPU has) and calls it through
- * ctypes, a range of rows per thread. Plain C99, no Python or torch headers. */
+ * ctypes, in pieces of rows or blocks that threads take in turn. Plain C99 (with an AVX2 path
+ * where the compiler targets it), no Python or torch headers. */
 
 #include <stdint.h>
 #include <string.h>
@@ -68,8 +69,8 @@ void peft_ops_dropout_keep(uint32_t k0, uint32_t k1, int64_t row0, int64_t row1,
                 for (int l = 0; l < LANES; l++)
                     packed[l0 + l] = keep_bytes(c0[l], c1[l], c2[l], c3[l], threshold);
             }
-            const int64_t k0_ = 4 * g0, bytes = (4 * (g0 + n) < K ? 4 * (g0 + n) : K) - k0_;
-            memcpy(row + k0_, packed, (size_t)bytes);   /* (the last group of a row may be partial) */
+            const int64_t first = 4 * g0, bytes = (4 * (g0 + n) < K ? 4 * (g0 + n) : K) - first;
+            memcpy(row + first, packed, (size_t)bytes);   /* (the last group of a row may be partial) */
         }
     }
 }
