@@ -5,7 +5,9 @@ unless TRITON_INTERPRET=1, in which case they run the Triton kernels in Triton's
 The twins compute the same math (fp32 products and accumulation, the weight rounded to the
 activation dtype first; for bf16 activations on CPUs with bf16 units, and for one-row products,
 the base GEMMs take bf16 operands and round their fp32 sums once to bf16, see `cpu_gemm_dtype`)
-and draw the same dropout masks, so the autograd Functions above them are backend-agnostic.
+and draw the same dropout masks, so the autograd Functions above them are backend-agnostic. Two
+of the twins' loops, the dropout mask and the NF4 decode, run as native code on the CPU where it
+builds (`peft_ops._cpu_loops`), with the PyTorch passes' bits.
 """
 
 import functools
