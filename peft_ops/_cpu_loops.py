@@ -32,6 +32,8 @@ import warnings
 import torch
 
 CHOICES = ("auto", "native", "torch")
+# (stored as, rounded to) pairs the decode writes: fp32, fp32 holding bf16 values, bf16
+DECODES = ((torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16))
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cpu_loops.c")
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
 # Threads take a loop's pieces in turn. A piece holds at least this many elements (below it,
@@ -68,11 +70,21 @@ def choice() -> str:
     return value
 
 
-def _compiler() -> str:
+def find_compiler():
+    """The C compiler the loops are built with: `$CC`, else `cc`, `gcc` or `clang` on PATH (a
+    path), or None."""
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    raise BuildError("no C compiler found ($CC, cc, gcc, clang)")
+        found = shutil.which(name) if name else None
+        if found:
+            return found
+    return None
+
+
+def _compiler() -> str:
+    found = find_compiler()
+    if found is None:
+        raise BuildError("no C compiler found ($CC, cc, gcc, clang)")
+    return found
 
 
 def _cache_dirs() -> list:
@@ -277,8 +289,7 @@ def nf4_decode(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, b
     lib = _library()
     rounded_to = out.dtype if rounded_to is None else rounded_to
     if start % blocksize or not out.is_contiguous() or out.numel() != stop - start or \
-            (out.dtype, rounded_to) not in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-                                            (torch.bfloat16, torch.bfloat16)):
+            (out.dtype, rounded_to) not in DECODES:
         raise ValueError("nf4_decode: start on a block; out contiguous, stop - start elements, fp32 (rounded "
                          "to fp32 or bf16) or bf16")
     # (the fp32 loop takes one more argument before `out`: whether to round to bf16)

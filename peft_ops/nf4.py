@@ -136,10 +136,6 @@ DECODE_CHUNK = 1 << 20
 # per-call cost: pieces of 2¹⁶ took 2.4 ms, of 2¹⁹ 1.7 (one thread, medians).
 DECODE_PIECE = 1 << 19
 
-# (stored as, rounded to) pairs the native decode writes directly
-_NATIVE_DECODES = ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-                   (torch.bfloat16, torch.bfloat16))
-
 
 def decode_rows(w: "NF4Weight", row0: int, row1: int, absmax: torch.Tensor = None,
                 dtype: torch.dtype = torch.float32, store: torch.dtype = None) -> torch.Tensor:
@@ -159,7 +155,7 @@ def decode_rows(w: "NF4Weight", row0: int, row1: int, absmax: torch.Tensor = Non
     start, stop = first * bs, min(last * bs, numel)
     if w.device.type == "cpu" and _cpu_loops.available():
         # it writes fp32 (perhaps rounded to bf16) or bf16; fp16 is the fp32 product cast once
-        direct = (store, dtype) in _NATIVE_DECODES
+        direct = (store, dtype) in _cpu_loops.DECODES
         flat = torch.empty(stop - start, dtype=store if direct else torch.float32)
         _cpu_loops.nf4_decode(w.packed.contiguous(), absmax.to(torch.float32).contiguous(), _nf4_code_cpu(),
                               bs, start, stop, flat, rounded_to=dtype if direct else torch.float32)

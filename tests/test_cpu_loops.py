@@ -4,7 +4,6 @@ thread or several; where they cannot be built the passes run, with one warning n
 
 import contextlib
 import math
-import shutil
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ from hypothesis import strategies as st
 import peft_ops
 from peft_ops import _cpu_loops, nf4, ops
 
-HAS_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
-needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler (cc, gcc, clang) on this machine to build the loops")
+needs_cc = pytest.mark.skipif(_cpu_loops.find_compiler() is None,
+                              reason="no C compiler ($CC, cc, gcc, clang) on this machine to build the loops")
 
 
 def _torch_mask(seed, shape, p):

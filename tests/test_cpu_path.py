@@ -8,7 +8,6 @@ rounded once to bf16), so forcing `bf16` checks their numerics on any CPU.
 """
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -39,8 +38,8 @@ def twin(monkeypatch):
 @pytest.fixture(params=["native", "torch"])
 def loops(request, monkeypatch):
     """Each CPU loop both ways: the native build (`peft_ops._cpu_loops`) and the PyTorch passes."""
-    if request.param == "native" and not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
-        pytest.skip("no C compiler (cc, gcc, clang) on this machine to build the native loops")
+    if request.param == "native" and _cpu_loops.find_compiler() is None:
+        pytest.skip("no C compiler ($CC, cc, gcc, clang) on this machine to build the native loops")
     # (`native` refuses to fall back: a compiler that fails to build them fails these tests)
     monkeypatch.setenv("PEFT_OPS_CPU_LOOPS", request.param)
     return request.param

@@ -7,11 +7,12 @@ repository, so the checkout itself is not on sys.path and only the installation 
 
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+from peft_ops import _cpu_loops
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def test_plain_wheel_install(tmp_path):
     path, no_top_level = result.stdout.split()
     assert pathlib.Path(path).is_relative_to(target / "peft_ops" / "kernels")
     assert no_top_level == "True"
-    if any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+    if _cpu_loops.find_compiler() is not None:
         # and they build from the installed copy, into the cache the environment names
         built = subprocess.run([sys.executable, "-m", "peft_ops._cpu_loops"], cwd=tmp_path, env=env,
                                capture_output=True, text=True, timeout=300)
